@@ -1,0 +1,46 @@
+# vggdist — `make demo` runs the main job on embedded defaults, `make test` runs the test suite.
+# Both create/update .venv first (see ../shared/ENVIRONMENT.md for the install order).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo bench bench-full lint clean
+
+setup: $(STAMP)
+
+# Re-run the install whenever the dependency list changes; a no-op otherwise.
+$(STAMP): pyproject.toml scripts/install_pillow_simd.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# 1. torch + torchvision as a pair (from this machine's disk; pip only, not uv/poetry)
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	# 2-3. the rest, then this project in editable mode with its dev extras
+	$(PIP) install -q "ray[default,train]" webdataset mlflow
+	$(PIP) install -q -e ".[dev]"
+	# 4. pillow-simd last (it replaces Pillow; anything installed later may bring Pillow back)
+	bash scripts/install_pillow_simd.sh $(BIN)/python
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	@bash scripts/install_fashion_mnist.sh || true
+	$(BIN)/vggdist demo $(DEMO_ARGS)
+
+bench: setup
+	$(BIN)/python bench/run_all.py --quick
+
+bench-full: setup
+	$(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check vggdist preprocess jobs bench tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
