@@ -36,12 +36,16 @@ class Row:
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="small sizes, finishes in about a minute on 2 CPU cores")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes, finishes in about a minute on 2 CPU cores"
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help='also write {"rows": [...]} to PATH')
     return p
 
 
-def report(title: str, rows: list[Row], json_path: Path | None = None, notes: list[str] | None = None) -> None:
+def report(
+    title: str, rows: list[Row], json_path: Path | None = None, notes: list[str] | None = None
+) -> None:
     """Print `rows` as a table (baseline, ours, ratio) and optionally write them as JSON."""
     w = max([len(r.name) for r in rows] + [4])
     print(f"\n{title}")
@@ -53,7 +57,9 @@ def report(title: str, rows: list[Row], json_path: Path | None = None, notes: li
         print(f"  note: {n}")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"title": title, "rows": [r.as_json() for r in rows]}, indent=2) + "\n")
+        json_path.write_text(
+            json.dumps({"title": title, "rows": [r.as_json() for r in rows]}, indent=2) + "\n"
+        )
 
 
 class Timer:
