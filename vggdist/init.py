@@ -1,0 +1,133 @@
+"""§3.1 initialisation: random normal or Glorot init, and the staged deep-from-shallow start from net A.
+
+The paper trains configuration A from random weights, then starts the deeper nets with "the first four
+convolutional layers and the last three fully-connected layers" of A, the other layers random
+(`init_from_shallower`). Its footnote adds that Glorot & Bengio (2010) init works without that stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from vggdist.models import VGG, _strip_prefixes, paper_layer_names
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["INIT_SCHEMES", "SHALLOW_LAYERS", "init_from_shallower", "init_weights"]
+
+INIT_SCHEMES = ("normal", "glorot")
+
+# Net A's layers whose weights seed a deeper net, and the deep layers they go to (same names: see below).
+SHALLOW_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+
+
+def init_weights(model: nn.Module, scheme: str = "normal", std: float = 1e-2) -> None:
+    """Initialise every conv / linear / batch-norm layer of ``model`` in place.
+
+    - ``"normal"``: weights ~ N(0, std²), biases 0 (§3.1).
+    - ``"glorot"``: weights ~ Glorot & Bengio's uniform U(±sqrt(6 / (fan_in + fan_out))), biases 0 (the
+      paper's footnote: this trains the deep nets without the staged start).
+    - Batch norm (an option, not in the paper): weight 1, bias 0.
+
+    Why ``std=1e-2``: the paper writes "normal distribution with the zero mean and 10^-2 variance", i.e.
+    std 0.1 read literally. Most reproductions (and Caffe's ``std: 0.01`` fillers of the time) use std 1e-2,
+    and only that reading is trainable: with zero biases and ReLU, one layer multiplies the activation
+    variance by about fan_in·std²/2. For a 3×3×512 conv that is 0.24 at std 1e-2 (signals shrink, which is
+    why the deep nets needed the staged start) but 23.6 at std 0.1, i.e. x4.9 in RMS per layer and ~10^5 in
+    net A's output after 11 layers (tests/test_init.py measures it), so the soft-max saturates at step 0.
+    ``std`` stays a config value for whoever wants the literal reading.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    if not std > 0:
+        raise ValueError(f"init std must be > 0, got {std}")
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            if scheme == "normal":
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _layer_prefixes(model: VGG, layer: str) -> list[str]:
+    """Module prefixes making up a paper layer: the conv or FC, plus its batch-norm layer if any."""
+    names = paper_layer_names(model)
+    return [names[name] for name in (layer, f"{layer}.bn") if name in names]
+
+
+def init_from_shallower(deep_model: VGG, shallow_state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Copy net A's conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 into the same layers of ``deep_model``.
+
+    §3.1 says "the first four convolutional layers and the last three fully-connected layers". Read as the
+    first four convs of the *deep* net that cannot work: D's conv1_2 is 64→64 where A's second conv is 64→128.
+    A layer is defined by its block, so the faithful shape-consistent reading copies A's first four convs into
+    the deep layers that play the same role in the same block: conv1_1 (3→64), conv2_1 (64→128), the first
+    two convs of block 3 (128→256, 256→256; in C, D, E they are 3×3 too, before C's 1×1 conv3_3). The new
+    layers (conv1_2, conv2_2, conv3_3, …, blocks 4–5) keep ``deep_model``'s current initialisation.
+
+    ``shallow_state`` is the state dict of an A network with the same widths, fc width, crop, batch_norm
+    and num_classes (a ``module.`` DDP / ``_orig_mod.`` prefix is stripped); batch-norm layers travel with
+    their convs. Returns the mapping applied, ``{source module prefix: target module prefix}`` in layer
+    order, e.g. ``{"features.3": "features.5", ...}`` for A → D, ready to log as JSON.
+    Raises ValueError if ``shallow_state`` is not such a state dict or a shape differs.
+    """
+    deep = getattr(deep_model, "module", deep_model)  # accept a DDP-wrapped model too
+    if not isinstance(deep, VGG):
+        raise ValueError(f"init_from_shallower needs a vggdist VGG model, got {type(deep).__name__}")
+    source = _strip_prefixes(shallow_state)
+    # Net A built like the deep net on the meta device (no memory): its keys and shapes are what we expect.
+    with torch.device("meta"):
+        shallow = VGG(
+            "A",
+            deep.num_classes,
+            widths=deep.widths,
+            fc_width=deep.fc_width,
+            crop_size=deep.crop_size,
+            batch_norm=deep.batch_norm,
+        )
+    built_like = (
+        f"net A with widths={deep.widths}, fc_width={deep.fc_width}, crop_size={deep.crop_size}, "
+        f"batch_norm={deep.batch_norm}, num_classes={deep.num_classes}"
+    )
+    expected = shallow.state_dict()
+    missing = sorted(set(expected) - set(source))
+    unexpected = sorted(set(source) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"shallow_state is not the state dict of {built_like} (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); initialise from a checkpoint of configuration A trained at this scale"
+        )
+
+    target = deep.state_dict()
+    pairs: list[tuple[str, str]] = []  # (source key, target key) of every tensor to copy
+    mapping: dict[str, str] = {}
+    for layer in SHALLOW_LAYERS:
+        for src_prefix, dst_prefix in zip(
+            _layer_prefixes(shallow, layer), _layer_prefixes(deep, layer), strict=True
+        ):
+            mapping[src_prefix] = dst_prefix
+            for key in expected:
+                if key.startswith(src_prefix + "."):
+                    dst_key = dst_prefix + key[len(src_prefix) :]
+                    if source[key].shape != target[dst_key].shape:
+                        raise ValueError(
+                            f"cannot copy A's {layer} ({key}, shape {tuple(source[key].shape)}) into "
+                            f"VGG-{deep.config} {dst_key} (shape {tuple(target[dst_key].shape)}): "
+                            f"initialise from {built_like}"
+                        )
+                    pairs.append((key, dst_key))
+    # Check everything before copying anything, so a failure leaves deep_model untouched.
+    with torch.no_grad():
+        for src_key, dst_key in pairs:
+            target[dst_key].copy_(source[src_key])
+    logger.info("initialised VGG-%s from net A: %s", deep.config, mapping)
+    return mapping
