@@ -1,0 +1,383 @@
+"""Data-parallel SGD (§3.1) on Ray Train: TorchTrainer + DDP, one worker per GPU (or CPU slot).
+
+The only training module that imports ray. The driver (`train`) resolves data, lineage and the MLflow run, then
+starts a TorchTrainer; each worker runs `_worker_loop`, a thin shell around `vggdist.train.TrainLoop` that adds
+three things: the cross-rank sum, checkpoint + `ray.train.report` at every epoch end, and rank-0 MLflow logging
+into the run the driver created (so a restarted worker group keeps logging into the same run).
+
+Fault tolerance: `FailureConfig(max_failures)` restarts the worker group, which resumes from
+`ray.train.get_checkpoint()` (model, optimiser, lr schedule, epoch, RNG). Rerunning the same command with the same
+`run.run_name` resumes a run whose driver died (Ray finds the run's latest checkpoint under the storage path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from vggdist import checkpoint as ckpt
+from vggdist import data, tracking
+from vggdist.config import Config
+from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection (documented in tests/test_ray_train.py): the worker of rank FAIL_RANK dies with
+# os._exit(1) after reporting epoch FAIL_AT_EPOCH, once (the marker file records that it happened).
+FAIL_AT_EPOCH_ENV = "VGGDIST_TEST_FAIL_AT_EPOCH"
+FAIL_MARKER_ENV = "VGGDIST_TEST_FAIL_MARKER"
+FAIL_RANK_ENV = "VGGDIST_TEST_FAIL_RANK"
+
+DEFAULT_STORAGE = "~/vggdist_results"
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    run_name: str
+    checkpoint: str | None  # latest checkpoint directory (storage path)
+    best_checkpoint: str | None
+    metrics: dict[str, float]
+
+
+def data_dirs(data_dir: str | os.PathLike) -> tuple[Path, Path | None]:
+    """`--data DIR` holds DIR/train and (optionally) DIR/val, each written by `vggdist-preprocess shard --out`."""
+    root = Path(data_dir).expanduser().resolve()
+    train_dir = root / "train"
+    if not (train_dir / "manifest.json").is_file():
+        if (root / "manifest.json").is_file():
+            raise ValueError(
+                f"{root} is a single split; pass its parent: --data expects DIR/train and DIR/val "
+                "(vggdist-preprocess shard --split train --out DIR/train, --split val --out DIR/val)"
+            )
+        raise ValueError(
+            f"no training shards under {train_dir}: run `vggdist-preprocess shard --split train --out {train_dir}` first"
+        )
+    val_dir = root / "val"
+    return train_dir, (val_dir if (val_dir / "manifest.json").is_file() else None)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS / `address` when given, else start a local Ray in-process."""
+    if ray.is_initialized():
+        return
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def comm_hook(model: torch.nn.Module, cfg: Config) -> None:
+    """Register the DDP communication hook of `run.grad_compression` (bf16 halves the bytes; PowerSGD low-rank)."""
+    if cfg.run.grad_compression == "none" or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if cfg.run.grad_compression == "bf16":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    else:
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=cfg.run.powersgd_rank,
+            start_powerSGD_iter=max(2, cfg.run.powersgd_start_iter),
+            use_error_feedback=True,
+            warm_start=True,
+        )
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _maybe_fail(epoch: int, rank: int) -> None:
+    at = os.environ.get(FAIL_AT_EPOCH_ENV)
+    marker = os.environ.get(FAIL_MARKER_ENV)
+    if at is None or marker is None or int(at) != epoch or rank != int(os.environ.get(FAIL_RANK_ENV, "0")):
+        return
+    if Path(marker).exists():
+        return
+    Path(marker).write_text(f"rank {rank} died after epoch {epoch}\n")
+    time.sleep(3)  # let the controller (2 s poll) register the checkpoint just reported
+    os._exit(1)
+
+
+def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
+    cfg = Config.from_dict(lc["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    plan = BatchPlan(**lc["plan"])
+    torch.manual_seed(cfg.run.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
+
+    model = build_model(cfg, lc["num_classes"])
+    init_state = ckpt.load(lc["init_checkpoint"])["model"] if lc.get("init_checkpoint") else None
+    mapping = apply_init(model, cfg, init_state)
+    if cfg.run.use_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    comm_hook(model, cfg)
+    if cfg.run.compile:
+        model = torch.compile(model)
+
+    stats = data.load_stats(lc["train_dir"])
+    augment = data.device_augment(stats, cfg.data)
+    loop = TrainLoop(
+        model,
+        cfg,
+        plan=plan,
+        steps_per_epoch=lc["steps_per_epoch"],
+        augment=augment,
+        device=device,
+        reduce=_all_reduce_sum,
+        is_rank0=rank == 0,
+    )
+
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = ckpt.load(d)
+        ckpt.unwrap(model).load_state_dict(state["model"])
+        loop.load_state_dict(state["train_state"], state.get("optimizer"))
+        log.info("rank %d resumed from %s at epoch %d", rank, resumed.path, loop.epoch)
+
+    tracker = (
+        tracking.Tracker.start(run_id=lc["run_id"], uri=lc["tracking_uri"], experiment=cfg.run.experiment)
+        if rank == 0
+        else tracking.NullTracker()
+    )
+    if mapping and resumed is None:
+        tracker.set_tags({tracking.TAG_INIT_MAPPING: json.dumps(mapping)})
+
+    def train_batches(epoch: int):
+        torch.manual_seed(
+            cfg.run.seed * 1_000_003 + epoch * 1009 + rank
+        )  # dropout/colour shift: exact on resume
+        return data.train_loader(
+            lc["train_dir"],
+            cfg.data,
+            batch_size=plan.batch_size_per_worker,
+            steps=lc["steps_per_epoch"] * plan.accum_steps,
+            rank=rank,
+            world_size=world,
+            seed=cfg.run.seed,
+            epoch=epoch,
+        )
+
+    def val_batches():
+        return data.val_loader(
+            lc["val_dir"], cfg.data, batch_size=cfg.eval.batch_size, rank=rank, world_size=world
+        )
+
+    last: dict[str, float] = {}
+
+    def on_epoch_end(metrics: dict[str, float], lp: TrainLoop) -> None:
+        last.clear()
+        last.update(metrics)
+        name = f"epoch_{lp.epoch:03d}"
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt.save(
+                    tmp,
+                    model=model,
+                    config=cfg,
+                    optimizer=lp.optimizer,
+                    train_state=lp.state_dict(),
+                    stats=stats,
+                    meta={
+                        "epoch": lp.epoch,
+                        "metrics": metrics,
+                        "mlflow_run_id": lc["run_id"],
+                        "init_mapping": mapping,
+                    },
+                )
+                ray.train.report(
+                    _score(metrics),
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=name,
+                )
+            tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=lp.epoch)
+            tracker.set_tags({tracking.TAG_CHECKPOINT: f"{lc['storage_root']}/{name}"})
+        else:
+            ray.train.report(_score(metrics))
+        _maybe_fail(lp.epoch, rank)
+
+    def log_step(m: dict[str, float], step: int) -> None:
+        tracker.log_metrics(m, step=step)
+
+    loop.fit(train_batches, val_batches if lc.get("val_dir") else None, on_epoch_end, log_fn=log_step)
+    tracker.flush()
+    return {"metrics": last, "mapping": mapping}
+
+
+def _score(metrics: dict[str, float]) -> dict[str, float]:
+    """Ray keeps the k best checkpoints by `score` (plus always the latest): -val error, or -train error without val."""
+    out = dict(metrics)
+    out["score"] = -metrics.get("val/top1_err", metrics.get("train/top1_err", 100.0))
+    return out
+
+
+def train(
+    cfg: Config,
+    data_dir: str,
+    *,
+    stage: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    address: str | None = None,
+) -> TrainResult:
+    """Run one training of `cfg` on the shards under `data_dir`; returns the MLflow run and checkpoints."""
+    train_dir, val_dir = data_dirs(data_dir)
+    manifest = data.read_manifest(train_dir)
+    num_classes = len(manifest["classes"])
+    plan = batch_plan(cfg.optim, cfg.run.workers)
+    samples = cfg.schedule.samples_per_epoch or int(manifest["num_samples"])
+    steps = data.steps_per_epoch(samples, plan.global_batch_size)
+
+    ensure_ray(address)
+    uri = tracking.tracking_uri()
+    tracking.check_uri_for_cluster(uri, alive_nodes())
+
+    init_checkpoint = init_from_run = None
+    if cfg.run.init in ("from-shallower", "resume-weights"):
+        init_checkpoint = tracking.resolve_checkpoint(cfg.run.init_from, uri=uri)
+        init_from_run = ckpt.read_meta(init_checkpoint).get("mlflow_run_id") or cfg.run.init_from
+
+    run_name = cfg.run.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = os.path.expanduser(cfg.run.storage_path or DEFAULT_STORAGE)
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    tags = {
+        tracking.TAG_CONFIG: cfg.model.name,
+        tracking.TAG_MANIFEST: tracking.manifest_hash(train_dir),
+        tracking.TAG_CODE_VERSION: tracking.code_version(),
+        "vggdist.ray_run_name": run_name,
+        "vggdist.storage": f"{storage}/{run_name}",
+        **({tracking.TAG_STAGE: stage} if stage else {}),
+        **({tracking.TAG_INIT_FROM: init_from_run} if init_from_run else {}),
+        **(extra_tags or {}),
+    }
+    existing = _unfinished_run(cfg.run.experiment, run_name, uri)
+    tracker = tracking.Tracker.start(
+        cfg.run.experiment,
+        run_name=run_name,
+        run_id=existing,
+        parent_run_id=parent_run_id,
+        tags=tags,
+        uri=uri,
+    )
+    tracker.log_params(
+        {
+            **cfg.flat(),
+            "data.dir": str(Path(data_dir).resolve()),
+            "data.num_classes": num_classes,
+            "data.train_samples": manifest["num_samples"],
+            "run.steps_per_epoch": steps,
+            "run.batch_size_per_worker": plan.batch_size_per_worker,
+            "run.accum_steps": plan.accum_steps,
+        }
+    )
+    log.info(
+        "MLflow run %s (%s) in %s; %d steps/epoch of %d images",
+        tracker.run_id,
+        run_name,
+        uri,
+        steps,
+        plan.global_batch_size,
+    )
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {
+        "config": cfg.to_dict(),
+        "plan": {
+            "workers": plan.workers,
+            "batch_size_per_worker": plan.batch_size_per_worker,
+            "accum_steps": plan.accum_steps,
+        },
+        "num_classes": num_classes,
+        "steps_per_epoch": steps,
+        "train_dir": str(train_dir),
+        "val_dir": str(val_dir) if val_dir else None,
+        "run_id": tracker.run_id,
+        "tracking_uri": uri,
+        "init_checkpoint": init_checkpoint,
+        "storage_root": f"{storage}/{run_name}",
+    }
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute="score",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.end("FAILED")
+        raise
+    if result.error is not None:
+        tracker.end("FAILED")
+        raise RuntimeError(f"training run {run_name} failed: {result.error}")
+    best = result.get_best_checkpoint(metric="score", mode="max") if result.best_checkpoints else None
+    out = TrainResult(
+        run_id=tracker.run_id,
+        run_name=run_name,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        best_checkpoint=best.path if best else None,
+        metrics=(result.return_value or {}).get("metrics", {}),
+    )
+    tracker.set_tags(
+        {tracking.TAG_CHECKPOINT: out.checkpoint or "", "vggdist.best_checkpoint": out.best_checkpoint or ""}
+    )
+    tracker.end("FINISHED")
+    return out
+
+
+def _unfinished_run(experiment: str, run_name: str, uri: str) -> str | None:
+    """The MLflow run of an earlier, interrupted `train` with the same run name: resuming logs into it."""
+    try:
+        runs = tracking.find_runs(
+            experiment, filter_string=f"tags.`vggdist.ray_run_name` = '{run_name}'", uri=uri
+        )
+    except Exception:  # experiment does not exist yet
+        return None
+    for r in runs:
+        if r["status"] != "FINISHED":
+            return r["run_id"]
+    return None
