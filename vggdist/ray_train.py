@@ -28,6 +28,7 @@ import torch
 
 from vggdist import checkpoint as ckpt
 from vggdist import data, tracking
+from vggdist.comm import register_comm_hook
 from vggdist.config import Config
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
 
@@ -90,25 +91,6 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def comm_hook(model: torch.nn.Module, cfg: Config) -> None:
-    """Register the DDP communication hook of `run.grad_compression` (bf16 halves the bytes; PowerSGD low-rank)."""
-    if cfg.run.grad_compression == "none" or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
-    if cfg.run.grad_compression == "bf16":
-        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    else:
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None,
-            matrix_approximation_rank=cfg.run.powersgd_rank,
-            start_powerSGD_iter=max(2, cfg.run.powersgd_start_iter),
-            use_error_feedback=True,
-            warm_start=True,
-        )
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-
-
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
@@ -141,7 +123,12 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     if cfg.run.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
-    comm_hook(model, cfg)
+    register_comm_hook(
+        model,
+        cfg.run.grad_compression,
+        powersgd_rank=cfg.run.powersgd_rank,
+        powersgd_start_iter=cfg.run.powersgd_start_iter,
+    )
     if cfg.run.compile:
         model = torch.compile(model)
 

@@ -1,0 +1,296 @@
+"""The `vggdist` console script (DESIGN.md §3): models, train, evaluate, sweep, report, demo.
+
+Each sub-command parses flags and calls one library function; a bad value is a one-line error naming the fix,
+with exit code 2 (usage), and heavy imports (torch, ray, mlflow) happen only in the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from vggdist.config import CONFIG_NAMES, PROTOCOLS, Config, ConfigError, preset
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Raised for a command line that cannot work; printed as one line, exit code 2."""
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    cfg = (
+        Config.load(args.config_file)
+        if getattr(args, "config_file", None)
+        else preset(args.preset, model=args.config)
+    )
+    if getattr(args, "config_file", None):
+        cfg = cfg.override([f"model.name={args.config}"])
+    sets = list(args.set or [])
+    for flag, key in (
+        ("epochs", "schedule.epochs"),
+        ("workers", "run.workers"),
+        ("init", "run.init"),
+        ("init_from", "run.init_from"),
+        ("experiment", "run.experiment"),
+        ("run_name", "run.run_name"),
+        ("storage_path", "run.storage_path"),
+        ("max_failures", "run.max_failures"),
+        ("grad_compression", "run.grad_compression"),
+        ("seed", "run.seed"),
+    ):
+        v = getattr(args, flag, None)
+        if v is not None:
+            sets.append(f"{key}={v}")
+    if getattr(args, "gpu", False):
+        sets.append("run.gpu=true")
+    # --set values arrive as strings: strings that YAML would read as numbers stay strings for str fields
+    return _apply_sets(cfg, sets)
+
+
+def _apply_sets(cfg: Config, sets: list[str]) -> Config:
+    try:
+        return cfg.override(sets)
+    except ConfigError as first:
+        # an init_from or run_name such as "0123abcd" / "123" is read by YAML as a number: quote it and retry once
+        quoted = [
+            f"{k}='{v}'"
+            if k in ("run.init_from", "run.run_name", "run.experiment", "run.storage_path")
+            else s
+            for s in sets
+            for k, _, v in [s.partition("=")]
+        ]
+        if quoted == sets:
+            raise first
+        return cfg.override(quoted)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vggdist.models import SCALES, describe_all, format_table
+
+    entries = describe_all(num_classes=args.num_classes, **SCALES[args.scale])
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        print(format_table(entries))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vggdist.ray_train import train
+
+    cfg = _config_from_args(args)
+    result = train(cfg, args.data, stage=args.stage, address=args.address)
+    print(
+        json.dumps(
+            {
+                "run_id": result.run_id,
+                "run_name": result.run_name,
+                "checkpoint": result.checkpoint,
+                "best_checkpoint": result.best_checkpoint,
+                **{k: round(v, 4) for k, v in result.metrics.items()},
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vggdist.ray_train import evaluate
+
+    if not args.run and not args.checkpoint:
+        raise UsageError(
+            "evaluate needs --run RUN_ID (from the MLflow UI or `vggdist train`) or --checkpoint PATH"
+        )
+    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad:
+        raise UsageError(f"--protocols has unknown {bad}; choose from {','.join(PROTOCOLS)}")
+    scales = _int_list(args.scales, "--scales") if args.scales else None
+    table = evaluate(
+        args.run or args.checkpoint,
+        args.data,
+        protocols=protocols,
+        scales=scales,
+        ensemble=args.ensemble or [],
+        workers=args.workers,
+        split=args.split,
+        address=args.address,
+        log_to_run=not args.no_log,
+    )
+    print(table["markdown"])
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vggdist.sweep import run_sweep
+
+    summary = run_sweep(
+        args.data,
+        plan=args.plan,
+        workers=args.workers,
+        experiment=args.experiment,
+        sweep_name=args.name,
+        address=args.address,
+        sets=args.set or [],
+        gpu=args.gpu,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vggdist.report import make_report
+
+    out = make_report(experiment=args.experiment, out_dir=args.out, sweep_run_id=args.sweep)
+    print(out["markdown"])
+    print(f"\nwritten: {', '.join(out['files'])}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vggdist.demo import run_demo
+
+    return run_demo(
+        workdir=args.workdir,
+        fashion_mnist=args.fashion_mnist,
+        quick=args.quick,
+        train_per_class=args.train_per_class,
+    )
+
+
+def _int_list(s: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, e.g. {flag} 256,384,512") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vggdist", description="The VGG study (Simonyan & Zisserman, 2015) on Ray Train + MLflow."
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="Table 1/2: layers, parameters and MACs of every configuration")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.add_argument(
+        "--scale", choices=("paper", "mini"), default="paper", help="paper (224 crops) or mini (32 crops)"
+    )
+    m.add_argument("--num-classes", type=int, default=1000)
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train one configuration with Ray Train (DDP) and log it to MLflow")
+    t.add_argument("--config", choices=CONFIG_NAMES, required=True, help="Table 1 column")
+    t.add_argument(
+        "--data", required=True, help="directory with train/ and val/ shards from vggdist-preprocess"
+    )
+    t.add_argument("--preset", choices=("paper", "mini"), default="paper")
+    t.add_argument("--config-file", help="a YAML config (as saved with checkpoints) instead of --preset")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=0.005",
+    )
+    t.add_argument("--init", choices=("normal", "glorot", "from-shallower", "resume-weights"))
+    t.add_argument("--init-from", metavar="RUN_ID|CHECKPOINT", help="MLflow run id or checkpoint directory")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--workers", type=int, help="Ray Train workers (one per GPU with --gpu)")
+    t.add_argument(
+        "--gpu", action="store_true", help="one GPU per worker; turns on bf16 autocast and channels_last"
+    )
+    t.add_argument("--experiment", help="MLflow experiment (default vggdist)")
+    t.add_argument("--run-name", help="Ray/MLflow run name; rerunning with the same name resumes it")
+    t.add_argument(
+        "--storage-path", help="Ray storage for checkpoints: local dir, shared filesystem or s3://"
+    )
+    t.add_argument(
+        "--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 3)"
+    )
+    t.add_argument("--grad-compression", choices=("none", "bf16", "powersgd"))
+    t.add_argument("--seed", type=int)
+    t.add_argument("--stage", help=argparse.SUPPRESS)
+    t.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="dense / multi-crop / combined evaluation at several scales, fusion")
+    e.add_argument("--run", help="MLflow run id of a training run")
+    e.add_argument("--checkpoint", help="checkpoint directory instead of --run")
+    e.add_argument("--data", required=True, help="directory with val/ shards (or a split directory)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--protocols", default=",".join(PROTOCOLS))
+    e.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the run's eval.test_scales)")
+    e.add_argument(
+        "--ensemble", nargs="+", metavar="RUN_ID", help="fuse these runs' posteriors with --run's (Table 6)"
+    )
+    e.add_argument("--workers", type=int, default=2, help="Ray evaluation tasks")
+    e.add_argument("--no-log", action="store_true", help="do not log the results to the evaluated MLflow run")
+    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser(
+        "sweep", help="the paper's staged plan (§3.1, §4) as one job under an MLflow parent run"
+    )
+    s.add_argument("--data", required=True)
+    s.add_argument("--plan", default="paper", help="paper, mini, or a plan YAML file")
+    s.add_argument("--workers", type=int, help="Ray Train workers per training run")
+    s.add_argument("--gpu", action="store_true")
+    s.add_argument("--experiment", default="vggdist")
+    s.add_argument(
+        "--name", default=None, help="sweep name; rerunning with the same name skips finished stages"
+    )
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field in every run")
+    s.add_argument("--address")
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="paper-style Tables 3-6 and an error-vs-depth plot from MLflow")
+    r.add_argument("--experiment", default="vggdist")
+    r.add_argument("--sweep", help="parent run id of the sweep to report (default: the latest sweep)")
+    r.add_argument("--out", default="report", help="output directory for Markdown/CSV/JSON/PNG")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser(
+        "demo", help="everything on Fashion-MNIST with embedded defaults (local Ray, SQLite MLflow)"
+    )
+    d.add_argument("--workdir", default="demo-work")
+    d.add_argument("--fashion-mnist", help="directory with the Fashion-MNIST *-ubyte.gz files")
+    d.add_argument("--quick", action="store_true", help="a shortened demo (tests)")
+    d.add_argument(
+        "--train-per-class", type=int, default=None, help="training images per class (default 1500)"
+    )
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError) as e:
+        print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except (ValueError, FileNotFoundError) as e:
+        # boundary errors (data dirs, checkpoints, manifests) carry the fix in their message
+        print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
