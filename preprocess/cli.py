@@ -1,0 +1,127 @@
+"""The ``vggdist-preprocess`` console script: ``shard``, ``verify``, ``stats`` (DESIGN.md §3; paper §3.1 data).
+
+Exit codes: 0 done, 1 ``verify`` found problems, 2 a usage or input error (one line naming the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from preprocess.images import ImageLimits
+from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, SPLITS, JobError, ShardJob, run_shard_job, verify
+from preprocess.sources import SourceError
+from preprocess.stats import format_stats, load_stats
+
+log = logging.getLogger(__name__)
+_D = ImageLimits()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vggdist-preprocess", description="ImageNet → WebDataset shards + exact RGB stats"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "shard", help="write shards, manifest.json, stats.json, rejects.jsonl (rerun to resume)"
+    )
+    s.add_argument(
+        "--source",
+        required=True,
+        help="image-folder root, ILSVRC2012_img_train.tar or ILSVRC2012_img_val.tar",
+    )
+    s.add_argument("--split", required=True, choices=SPLITS)
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument(
+        "--labels",
+        help="val tar labels: ILSVRC2012_validation_ground_truth.txt (meta.mat beside it), "
+        "the devkit directory, or LOC_val_solution.csv",
+    )
+    s.add_argument(
+        "--max-side", type=int, default=_D.max_side, help="smallest side stored at most (default %(default)s)"
+    )
+    s.add_argument(
+        "--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, help="(default %(default)s)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="training-order shuffle seed (default %(default)s)")
+    s.add_argument(
+        "--quality",
+        type=int,
+        default=_D.quality,
+        help="JPEG quality of re-encoded images (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-pixels", type=int, default=_D.max_pixels, help="header pixel limit (default %(default)s)"
+    )
+    s.add_argument(
+        "--max-aspect",
+        type=float,
+        default=_D.max_aspect,
+        help="longest/shortest side limit (default %(default)s)",
+    )
+    s.add_argument(
+        "--workers", type=int, help="parallel tasks (default: all CPUs); 1 without --address runs without Ray"
+    )
+    s.add_argument(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray in this process)"
+    )
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace the output of a different command in --out"
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check every shard against manifest.json; exit 1 on any mismatch")
+    v.add_argument("dir")
+    v.add_argument("--workers", type=int, default=1, help="processes decoding shards in parallel (default 1)")
+
+    st = sub.add_parser("stats", help="print stats.json readably")
+    st.add_argument("dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    try:
+        if args.command == "shard":
+            return _shard(args)
+        if args.command == "verify":
+            return _verify(args)
+        print(format_stats(load_stats(args.dir)))
+        return 0
+    except (JobError, SourceError, FileNotFoundError) as e:
+        print(f"vggdist-preprocess: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _shard(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise JobError(f"--workers must be ≥ 1, got {args.workers}")
+    try:
+        limits = ImageLimits(args.max_side, args.quality, args.max_pixels, args.max_aspect)
+    except ValueError as e:
+        raise JobError(str(e).replace("max_side", "--max-side").replace("max_", "--max-")) from None
+    job = ShardJob(args.source, args.split, args.out, args.labels, limits, args.samples_per_shard, args.seed)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    summary = run_shard_job(
+        job, workers=args.workers, address=address, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    print(summary.format())
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    problems = verify(args.dir, workers=args.workers)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        return 1
+    print(f"verify: {args.dir} OK")
+    return 0

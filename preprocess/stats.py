@@ -1,0 +1,146 @@
+"""Exact, mergeable RGB moments → mean RGB, RGB covariance and its PCA (stats.json; paper §3.1).
+
+The paper subtracts the mean RGB value computed on the training set (§2.1) and, following Krizhevsky et al.,
+augments with a random RGB colour shift along the principal components of the RGB pixel covariance (§3.1).
+Both come from here, computed over every pixel written to the shards.
+
+Per image the sums Σx and Σxxᵀ are integers; a float64 BLAS product of uint8 values is exact for them (each
+partial sum stays far below 2⁵³), and they are then carried as Python integers, so per-task accumulation and the
+merge across tasks are exact in any order. Only the final mean / covariance are rounded to float64.
+The covariance is the population covariance (divide by the number of pixels).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+STATS_FILE = "stats.json"
+
+
+@dataclass
+class RGBMoments:
+    """Counts, channel sums Σx and the 3×3 sum of outer products Σxxᵀ over all pixels seen, as exact integers."""
+
+    images: int = 0
+    pixels: int = 0
+    sum_rgb: list[int] = field(default_factory=lambda: [0, 0, 0])
+    sum_outer: list[list[int]] = field(default_factory=lambda: [[0] * 3 for _ in range(3)])
+
+    def add_image(self, pixels: np.ndarray) -> None:
+        """Add one (H, W, 3) uint8 image."""
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.shape} {pixels.dtype}")
+        x = pixels.reshape(-1, 3).astype(np.float64)  # (N, 3); integers ≤ 255, exact in float64
+        n = x.shape[0]
+        if n * 255 * 255 >= 2**53:
+            raise ValueError(f"image of {n} pixels is too large to sum exactly in one pass")
+        s = x.sum(axis=0)  # (3,)
+        g = x.T @ x  # (3, 3) every partial sum is an integer < 2^53, so this is exact
+        self.images += 1
+        self.pixels += n
+        for i in range(3):
+            self.sum_rgb[i] += int(s[i])
+            for j in range(3):
+                self.sum_outer[i][j] += int(g[i, j])
+
+    def merge(self, other: RGBMoments) -> RGBMoments:
+        """Add ``other`` into self (exact, order-independent) and return self."""
+        self.images += other.images
+        self.pixels += other.pixels
+        for i in range(3):
+            self.sum_rgb[i] += other.sum_rgb[i]
+            for j in range(3):
+                self.sum_outer[i][j] += other.sum_outer[i][j]
+        return self
+
+    def to_json(self) -> dict:
+        return {
+            "images": self.images,
+            "pixels": self.pixels,
+            "sum_rgb": self.sum_rgb,
+            "sum_outer": self.sum_outer,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> RGBMoments:
+        return cls(
+            images=int(d["images"]),
+            pixels=int(d["pixels"]),
+            sum_rgb=[int(v) for v in d["sum_rgb"]],
+            sum_outer=[[int(v) for v in row] for row in d["sum_outer"]],
+        )
+
+    def mean(self) -> np.ndarray:
+        """(3,) mean R, G, B on the 0–255 scale."""
+        if not self.pixels:
+            return np.zeros(3)
+        return np.array([s / self.pixels for s in self.sum_rgb], dtype=np.float64)
+
+    def covariance(self) -> np.ndarray:
+        """(3, 3) population covariance on the 0–255 scale: (N·Σxxᵀ − ΣxΣxᵀ) / N², numerator exact."""
+        n = self.pixels
+        if not n:
+            return np.zeros((3, 3))
+        s = self.sum_rgb
+        return np.array(
+            [[(n * self.sum_outer[i][j] - s[i] * s[j]) / (n * n) for j in range(3)] for i in range(3)],
+            dtype=np.float64,
+        )
+
+
+def pca(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors as rows (``vectors[i]`` belongs to ``values[i]``), unit length,
+    each with its largest-magnitude component positive so the output is deterministic."""
+    values, vectors = np.linalg.eigh(cov)  # ascending; columns are eigenvectors
+    order = np.argsort(values)[::-1]
+    values = values[order]
+    rows = vectors[:, order].T.copy()
+    for r in rows:
+        if r[np.argmax(np.abs(r))] < 0:
+            r *= -1
+    return values, rows
+
+
+def stats_dict(moments: RGBMoments, split: str) -> dict:
+    """The stats.json document (DESIGN.md §4); ``exact`` keeps the integer sums so `verify` can recheck them."""
+    cov = moments.covariance()
+    values, vectors = pca(cov)
+    return {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "images": moments.images,
+        "pixels": moments.pixels,
+        "mean_rgb": moments.mean().tolist(),
+        "cov_rgb": cov.tolist(),
+        "eigenvalues": values.tolist(),
+        "eigenvectors": vectors.tolist(),
+        "exact": moments.to_json(),
+    }
+
+
+def load_stats(out_dir: str | Path) -> dict:
+    """The content of ``out_dir/stats.json``."""
+    path = Path(out_dir) / STATS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `vggdist-preprocess shard ... --out {out_dir}` first")
+    return json.loads(path.read_text())
+
+
+def format_stats(d: dict) -> str:
+    """stats.json as a few readable lines (the `vggdist-preprocess stats` command)."""
+    lines = [
+        f"split       {d['split']}",
+        f"images      {d['images']:,}",
+        f"pixels      {d['pixels']:,}",
+        "mean RGB    " + "  ".join(f"{v:8.3f}" for v in d["mean_rgb"]),
+        "cov RGB     " + "\n            ".join("  ".join(f"{v:9.3f}" for v in row) for row in d["cov_rgb"]),
+        "PCA         eigenvalue   eigenvector (R, G, B)",
+    ]
+    for value, vec in zip(d["eigenvalues"], d["eigenvectors"], strict=True):
+        lines.append(f"            {value:10.3f}   " + "  ".join(f"{v:+.4f}" for v in vec))
+    return "\n".join(lines)
