@@ -1,0 +1,250 @@
+"""vggdist.transforms: crop-before-resize equals rescale-then-crop, jitter/flip statistics, DCT draft decoding,
+and the device-side colour shift / normalisation against numpy."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vggdist import transforms as T
+from vggdist.config import DataConfig
+
+
+def smooth_jpeg(w: int, h: int, quality: int = 95, seed: int = 0) -> bytes:
+    """A smooth, asymmetric RGB photo-like image (gradients and low frequencies) as JPEG bytes."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    ph = rng.uniform(0, 6, 3)
+    img = np.stack(
+        [
+            128 + 90 * np.sin(5 * x + ph[0]) * np.cos(3 * y),
+            60 + 150 * x,  # left-right asymmetric: a flip is visible
+            128 + 80 * np.cos(4 * x * y + 7 * y + ph[2]),
+        ],
+        axis=-1,
+    )
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def naive_crop(data: bytes, s: int, left: int, top: int, crop: int) -> np.ndarray:
+    """The reference: full decode, full isotropic rescale to S, then crop (torchvision's Resize + crop)."""
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    im = im.resize(T.scaled_size(im.width, im.height, s), Image.Resampling.BILINEAR)
+    return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1).astype(np.int16)
+
+
+def as_i16(t: torch.Tensor) -> np.ndarray:
+    assert t.dtype == torch.uint8
+    return t.numpy().astype(np.int16)
+
+
+def test_scaled_size_matches_torchvision_resize_rule():
+    assert T.scaled_size(500, 375, 256) == (341, 256)
+    assert T.scaled_size(375, 500, 256) == (256, 341)
+    assert T.scaled_size(300, 300, 224) == (224, 224)
+
+
+@pytest.mark.parametrize("size, s", [((400, 300), 256), ((300, 420), 384), ((500, 375), 512)])
+def test_crop_before_resize_equals_rescale_then_crop(size, s):
+    data = smooth_jpeg(*size)
+    rng = np.random.default_rng(1)
+    sw, sh = T.scaled_size(*size, s)
+    for _ in range(4):
+        left, top = int(rng.integers(0, sw - 224 + 1)), int(rng.integers(0, sh - 224 + 1))
+        ours = T.rescaled_crop(data, s, left, top, 224)
+        assert ours.shape == (3, 224, 224)
+        diff = np.abs(as_i16(ours) - naive_crop(data, s, left, top, 224))
+        assert diff.max() <= 1, (left, top, diff.max())  # same filter, same taps: only rounding differs
+
+
+def test_draft_decoding_is_used_for_big_images_and_stays_close():
+    big = smooth_jpeg(2048, 1536)
+    im, factor = T.decode_for_size(big, T.scaled_size(2048, 1536, 256))  # S-space is 341x256
+    assert im.size == (512, 384) and factor == 0.25  # 1/4 keeps ≥ 256; 1/8 (192) would not
+    im, factor = T.decode_for_size(smooth_jpeg(500, 375), T.scaled_size(500, 375, 256))
+    assert im.size == (500, 375) and factor == 1.0  # less than 2x larger: full decode
+
+    ours = T.rescaled_crop(big, 256, 50, 20, 224)
+    diff = np.abs(as_i16(ours) - naive_crop(big, 256, 50, 20, 224))
+    assert diff.mean() < 1.0 and diff.max() <= 6  # DCT-domain 1/4 scaling vs a bilinear downscale
+
+
+def test_flip_mirrors_the_same_window():
+    data = smooth_jpeg(400, 300)
+    plain = T.rescaled_crop(data, 300, 17, 40, 224)
+    flipped = T.rescaled_crop(data, 300, 17, 40, 224, flip=True)
+    assert torch.equal(flipped, plain.flip(-1))
+    assert not torch.equal(flipped, plain)
+
+
+def test_train_crop_is_sample_crop_then_rescaled_crop():
+    data = smooth_jpeg(375, 500)
+    for seed in range(5):
+        s, left, top, flip = T.sample_crop(375, 500, (256, 512), 224, np.random.default_rng(seed))
+        expected = T.rescaled_crop(data, s, left, top, 224, flip)
+        got = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
+        assert torch.equal(got, expected)
+
+
+def test_jittered_scale_covers_the_range_and_offsets_fit():
+    rng = np.random.default_rng(0)
+    draws = [T.sample_crop(500, 375, (256, 512), 224, rng) for _ in range(3000)]
+    scales = np.array([d[0] for d in draws])
+    assert scales.min() == 256 and scales.max() == 512  # both ends inclusive
+    assert abs(scales.mean() - 384) < 5
+    for s, left, top, _ in draws:
+        sw, sh = T.scaled_size(500, 375, s)
+        assert 0 <= left <= sw - 224 and 0 <= top <= sh - 224
+    assert {T.sample_crop(500, 375, 256, 224, rng)[0] for _ in range(20)} == {256}
+
+
+def test_flip_happens_about_half_the_time():
+    # The crop covers the whole S-space image, so the only randomness left is the flip.
+    data = smooth_jpeg(256, 256)
+    reference = T.rescaled_crop(data, 256, 0, 0, 256)
+    rng = np.random.default_rng(3)
+    n = 300
+    flips = 0
+    for _ in range(n):
+        out = T.train_crop_jpeg(data, 256, 256, rng)
+        if torch.equal(out, reference.flip(-1)):
+            flips += 1
+        else:
+            assert torch.equal(out, reference)
+    assert 0.4 < flips / n < 0.6
+
+
+def test_center_crop_and_decode_rescaled():
+    data = smooth_jpeg(500, 375)
+    c = T.center_crop_jpeg(data, 256, 224)
+    sw, sh = T.scaled_size(500, 375, 256)
+    left, top = round((sw - 224) / 2), round((sh - 224) / 2)
+    assert np.abs(as_i16(c) - naive_crop(data, 256, left, top, 224)).max() <= 1
+
+    full = T.decode_rescaled(data, 384)
+    assert full.shape == (3, 384, 512)
+    assert T.decode_rescaled(data).shape == (3, 375, 500)
+    ref = Image.open(io.BytesIO(data)).convert("RGB").resize((512, 384), Image.Resampling.BILINEAR)
+    assert np.abs(as_i16(full) - np.asarray(ref).transpose(2, 0, 1)).max() <= 1
+
+    big = smooth_jpeg(1600, 1200)  # drafted at 1/4 = 400x300 for Q=256, then resized
+    small = T.decode_rescaled(big, 256)
+    assert small.shape == (3, 256, 341)
+    ref = Image.open(io.BytesIO(big)).convert("RGB").resize((341, 256), Image.Resampling.BILINEAR)
+    assert np.abs(as_i16(small) - np.asarray(ref).transpose(2, 0, 1).astype(np.int16)).mean() < 1.0
+
+
+def test_non_rgb_jpeg_comes_out_rgb():
+    buf = io.BytesIO()
+    Image.new("L", (300, 260), 77).save(buf, "JPEG")
+    out = T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
+    assert out.shape == (3, 224, 224) and int(out.float().mean().round()) == 77
+
+
+def test_collate_images_is_channels_last_stack():
+    imgs = [torch.randint(0, 256, (4, 5, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(3)]
+    batch = T.collate_images(imgs)
+    assert batch.shape == (3, 3, 4, 5) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([im.contiguous() for im in imgs]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device side
+
+
+def fake_stats(seed: int = 0) -> dict:
+    """stats.json-shaped statistics of correlated RGB pixels (0–255), PCA rows sorted by eigenvalue."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 50, (5000, 1))
+    px = np.clip(120 + base + rng.normal(0, [20, 10, 5], (5000, 3)), 0, 255)
+    cov = np.cov(px, rowvar=False)
+    val, vec = np.linalg.eigh(cov)
+    order = np.argsort(val)[::-1]
+    return {
+        "mean_rgb": px.mean(0).tolist(),
+        "cov_rgb": cov.tolist(),
+        "eigenvalues": val[order].tolist(),
+        "eigenvectors": vec[:, order].T.tolist(),
+        "images": 1,
+        "pixels": 5000,
+    }
+
+
+def test_pca_color_offset_matches_numpy():
+    st = fake_stats()
+    rng = np.random.default_rng(0)
+    alpha = rng.normal(0, 0.1, (6, 3))
+    lam, p = np.array(st["eigenvalues"]), np.array(st["eigenvectors"])
+    expected = np.array([sum(a[i] * lam[i] * p[i] for i in range(3)) for a in alpha])
+    got = T.pca_color_offset(torch.tensor(alpha), torch.tensor(lam), torch.tensor(p))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+
+
+def test_device_augment_eval_is_mean_subtraction_and_train_adds_pca_shift():
+    st = fake_stats()
+    aug = T.DeviceAugment.from_stats(st, DataConfig(color_shift_std=0.1))
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean = np.array(st["mean_rgb"])
+    out = aug(x, train=False)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    np.testing.assert_allclose(out.numpy(), x.numpy() - mean[None, :, None, None], atol=1e-4)
+
+    g = torch.Generator().manual_seed(7)
+    trained = aug(x, train=True, generator=g)
+    alpha = torch.randn((4, 3), generator=torch.Generator().manual_seed(7)).double().numpy() * 0.1
+    lam, p = np.array(st["eigenvalues"]) / 255.0, np.array(st["eigenvectors"])
+    offset = (alpha * lam) @ p  # (N, 3): Σ α λ/255 p, 0–255 units
+    expected = x.numpy() + offset[:, :, None, None] - mean[None, :, None, None]
+    np.testing.assert_allclose(trained.numpy(), expected, atol=1e-3)
+    shift = (trained - out).mean(dim=(2, 3))  # constant per image and channel
+    assert shift.abs().min() > 0 and not torch.allclose(shift[0], shift[1])
+
+
+def test_color_shift_spread_along_each_axis_is_sigma_lambda():
+    st = fake_stats()
+    aug = T.DeviceAugment.from_stats(st, DataConfig(color_shift_std=0.2))
+    x = torch.zeros((20000, 3, 1, 1), dtype=torch.uint8)
+    offset = aug(x, train=True, generator=torch.Generator().manual_seed(0)) - aug(x, train=False)
+    proj = offset.view(-1, 3).double() @ torch.tensor(st["eigenvectors"], dtype=torch.float64).T  # along pᵢ
+    expected = 0.2 * np.array(st["eigenvalues"]) / 255.0
+    np.testing.assert_allclose(proj.std(0).numpy(), expected, rtol=0.05)
+
+
+def test_mean_std_normalisation_and_no_mutation_of_float_input():
+    st = fake_stats()
+    aug = T.DeviceAugment.from_stats(st, DataConfig(normalize="mean_std"))
+    x = torch.rand(2, 3, 4, 4) * 255
+    before = x.clone()
+    out = aug(x, train=False)
+    std = np.sqrt(np.diag(np.array(st["cov_rgb"])))
+    expected = (x.numpy() - np.array(st["mean_rgb"])[None, :, None, None]) / std[None, :, None, None]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, before)
+    assert torch.allclose(
+        T.normalize(x, torch.tensor(st["mean_rgb"]).float(), torch.tensor(std).float()), out, atol=1e-5
+    )
+
+
+def test_device_augment_keeps_channels_last():
+    aug = T.DeviceAugment.from_stats(fake_stats(), DataConfig())
+    x = T.collate_images([torch.zeros(3, 6, 6, dtype=torch.uint8)] * 2)
+    assert aug(x, train=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_stats_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vggdist-preprocess shard"):
+        T.load_stats(tmp_path)
+    (tmp_path / "stats.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        T.load_stats(tmp_path)
+    st = fake_stats()
+    st["eigenvectors"] = np.array(st["eigenvectors"]).T.tolist()  # columns instead of rows
+    with pytest.raises(ValueError, match="transposed"):
+        T.DeviceAugment.from_stats(st, DataConfig())

@@ -1,0 +1,314 @@
+"""§3.1 training augmentation and §3.2 test-image rescaling, split between the CPU (uint8) and the device (float).
+
+CPU side, one JPEG at a time, producing uint8 tensors (3, H, W) and nothing bigger than what is asked for:
+
+- `train_crop_jpeg`: isotropic rescale so the smallest side is S (fixed, or drawn per image uniformly from the
+  integers of [S_min, S_max] — scale jittering), a uniformly placed crop × crop window, a horizontal flip with
+  probability 1/2. It never builds the rescaled image: the crop window is chosen in S-space, mapped back to
+  the stored image, and only that box is resampled (`Image.resize(size, box=...)`). Pillow's resampling with
+  a box places every output pixel and its filter support exactly where a full resize followed by a crop
+  would, so this is the same operation as rescale-then-crop, not an approximation (tests check it).
+  When the stored image is at least 2× larger than S-space, the JPEG is decoded directly at 1/2, 1/4 or 1/8
+  size in the DCT domain (`Image.draft`), never below the S-space size, so resampling only ever downsizes.
+- `center_crop_jpeg` (per-epoch single-scale validation at Q) and `decode_rescaled` (whole image, smallest side
+  Q, for dense / multi-crop evaluation in vggdist.evaluate).
+
+Device side, batched (`DeviceAugment`): uint8 → float, the PCA colour shift (training only) and mean-RGB
+subtraction (optionally /std), with the statistics of `stats.json`. Doing this on the accelerator keeps the
+CPU → device copy at 1 byte per value and costs the CPU nothing.
+
+Colour shift, precisely (AlexNet, Krizhevsky et al. 2012 §4.1; VGG §3.1 follows it): per image draw
+α ~ N(0, σ)³ (σ = `DataConfig.color_shift_std`) and add to every pixel the RGB offset Σᵢ αᵢ λᵢ pᵢ, with pᵢ, λᵢ
+the eigenvectors / eigenvalues of the 3×3 RGB covariance. The scheme is not scale-invariant (λ is a squared
+value, the offset a value), so the pixel scale matters: we use the widely reproduced convention of pixel
+values in [0, 1] (fb.resnet.torch, timm's ``eigval ≈ (0.2175, 0.0188, 0.0045)``). stats.json holds λ of
+0–255 values, i.e. 255² × the [0, 1] eigenvalues, so the offset in 0–255 units is
+``255 · Σ αᵢ (λᵢ / 255²) pᵢ = Σ αᵢ (λᵢ / 255) pᵢ`` (`EIGVAL_TO_PIXELS` = 1/255). On ImageNet this gives a
+typical shift of ~5 grey levels along the first axis at σ = 0.1. No clipping afterwards, as in AlexNet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from vggdist.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EIGVAL_TO_PIXELS",
+    "DeviceAugment",
+    "center_crop_jpeg",
+    "collate_images",
+    "decode_for_size",
+    "decode_rescaled",
+    "load_stats",
+    "normalize",
+    "pca_color_offset",
+    "rescaled_crop",
+    "sample_crop",
+    "scaled_size",
+    "train_crop_jpeg",
+]
+
+STATS_FILE = "stats.json"
+# λ of stats.json (variances of 0–255 values) → the factor that makes Σ α λ p an offset in 0–255 units under
+# the [0, 1]-pixel convention (see the module docstring).
+EIGVAL_TO_PIXELS = 1.0 / 255.0
+_BILINEAR = Image.Resampling.BILINEAR  # torchvision's Resize default for PIL images (antialiased)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU side: JPEG bytes → uint8 (3, H, W)
+
+
+def scaled_size(width: int, height: int, s: int) -> tuple[int, int]:
+    """(width, height) after an isotropic rescale to smallest side `s` (torchvision's ``Resize(s)`` rounding)."""
+    if width <= height:
+        return s, int(s * height / width)
+    return int(s * width / height), s
+
+
+def decode_for_size(data: bytes, size: tuple[int, int]) -> tuple[Image.Image, float]:
+    """Decode a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that stays ≥ `size` in both dimensions.
+
+    Returns the decoded RGB image and the factor from stored to decoded pixel coordinates (1.0, 0.5, ...).
+    """
+    return _decode_at(Image.open(io.BytesIO(data)), size)
+
+
+def _decode_at(im: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, float]:
+    """`decode_for_size` for an opened, not yet loaded image."""
+    factor = 1.0
+    if im.format == "JPEG":
+        stored_w = im.width
+        # draft() decodes at 1/k, k the largest of 8, 4, 2 with both sides still ≥ `size`; its box is the
+        # whole image in decoded coordinates, (0, 0, W/k, H/k)
+        res = im.draft("RGB", (max(1, size[0]), max(1, size[1])))
+        if res is not None:
+            factor = res[1][2] / stored_w
+    if im.mode != "RGB":  # the shard contract says RGB; stay correct for grayscale / CMYK anyway
+        return im.convert("RGB"), factor
+    im.load()
+    return im, factor
+
+
+def _to_chw(im: Image.Image) -> torch.Tensor:
+    """PIL RGB → uint8 (3, H, W): a permuted view of the HWC pixels (channels_last strides, no transpose)."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _crop(im: Image.Image, s: int, left: int, top: int, crop: int, flip: bool) -> torch.Tensor:
+    """Window (left, top, crop × crop) of opened image `im` rescaled to smallest side `s`, as uint8 (3, crop, crop)."""
+    w, h = im.size
+    sw, sh = scaled_size(w, h, s)
+    if not (0 <= left <= sw - crop and 0 <= top <= sh - crop):
+        raise ValueError(f"a {crop}x{crop} crop at ({left}, {top}) does not fit the {sw}x{sh} image at S={s}")
+    im, factor = _decode_at(im, (sw, sh))
+    # S-space → decoded coordinates per axis (scaled_size rounds the long side, so the two ratios differ a bit)
+    fx, fy = w * factor / sw, h * factor / sh
+    out = im.resize((crop, crop), _BILINEAR, box=(left * fx, top * fy, (left + crop) * fx, (top + crop) * fy))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_chw(out)
+
+
+def rescaled_crop(data: bytes, s: int, left: int, top: int, crop: int, flip: bool = False) -> torch.Tensor:
+    """The crop × crop window at (left, top) of the image rescaled to smallest side `s`: uint8 (3, crop, crop).
+
+    Same result as ``Resize(s)`` → ``crop((left, top, left + crop, top + crop))`` (→ horizontal flip), computed
+    from the stored pixels of that window only.
+    """
+    return _crop(Image.open(io.BytesIO(data)), s, left, top, crop, flip)
+
+
+def sample_crop(
+    width: int, height: int, scale: int | Sequence[int], crop: int, rng: np.random.Generator
+) -> tuple[int, int, int, bool]:
+    """Draw (S, left, top, flip) for a stored width × height image: the random part of §3.1's augmentation.
+
+    `scale` is S or (S_min, S_max); S is then uniform over the integers S_min … S_max. The window offset is
+    uniform over every position inside the S-rescaled image (torchvision's RandomCrop); flip with p = 1/2.
+    """
+    if isinstance(scale, (int, np.integer)):
+        s = int(scale)
+    else:
+        s = int(rng.integers(scale[0], scale[1] + 1))
+    sw, sh = scaled_size(width, height, s)
+    left = int(rng.integers(0, sw - crop + 1))
+    top = int(rng.integers(0, sh - crop + 1))
+    return s, left, top, bool(rng.random() < 0.5)
+
+
+def train_crop_jpeg(
+    data: bytes, scale: int | Sequence[int], crop: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """§3.1 training crop of one JPEG: rescale to S (fixed or jittered), random crop, flip → uint8 (3, crop, crop)."""
+    im = Image.open(io.BytesIO(data))
+    s, left, top, flip = sample_crop(im.width, im.height, scale, crop, rng)
+    return _crop(im, s, left, top, crop, flip)
+
+
+def center_crop_jpeg(data: bytes, q: int, crop: int) -> torch.Tensor:
+    """§3.2 single-scale test crop: rescale to smallest side Q, central crop × crop window → uint8 (3, crop, crop).
+
+    The window is placed like torchvision's CenterCrop (offset rounded from (size − crop) / 2).
+    """
+    im = Image.open(io.BytesIO(data))
+    sw, sh = scaled_size(im.width, im.height, q)
+    return _crop(im, q, int(round((sw - crop) / 2.0)), int(round((sh - crop) / 2.0)), crop, False)
+
+
+def decode_rescaled(data: bytes, q: int | None = None) -> torch.Tensor:
+    """The whole image rescaled to smallest side Q (or as stored when `q` is None): uint8 (3, H, W).
+
+    For dense and multi-crop evaluation (§3.2), which work on whole images; DCT-domain decoding applies here too.
+    """
+    im = Image.open(io.BytesIO(data))
+    if q is None:
+        return _to_chw(_decode_at(im, im.size)[0])
+    w, h = im.size
+    sw, sh = scaled_size(w, h, q)
+    im, factor = _decode_at(im, (sw, sh))
+    if im.size != (sw, sh):
+        # box = the whole stored image in decoded coordinates (draft may add a partial last pixel)
+        im = im.resize((sw, sh), _BILINEAR, box=(0, 0, w * factor, h * factor))
+    return _to_chw(im)
+
+
+def collate_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack same-size uint8 (3, H, W) images → (B, 3, H, W), stored channels_last (one copy, no transpose).
+
+    Channels-last is how the pixels come out of the decoder and what the convolutions prefer on a GPU; the
+    device copy (``.to(device)``) and DeviceAugment keep that layout.
+    """
+    return torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device side: batched float maths, with the statistics of stats.json
+
+
+def load_stats(data_dir: str | Path) -> dict:
+    """`data_dir/stats.json` (mean RGB, covariance, PCA of the training pixels) as a dict."""
+    path = Path(data_dir) / STATS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: write the training shards and their stats with "
+            f"`vggdist-preprocess shard --split train --out {data_dir}`"
+        )
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); re-run `vggdist-preprocess shard --split train` to rewrite it"
+        ) from e
+    missing = [k for k in ("mean_rgb", "eigenvalues", "eigenvectors") if k not in stats]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; re-run `vggdist-preprocess shard --split train`")
+    return stats
+
+
+def pca_color_offset(alpha: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Tensor) -> torch.Tensor:
+    """AlexNet's colour shift: offset[n] = Σᵢ alpha[n, i] · eigval[i] · eigvec[i] → (N, 3) RGB.
+
+    alpha (N, 3); eigval (3,); eigvec (3, 3) with row i the unit eigenvector of eigval[i]. The offset is in the
+    units of eigval (pass λ · EIGVAL_TO_PIXELS for 0–255 pixels, see the module docstring).
+    """
+    return (alpha * eigval) @ eigvec  # (N, 3) @ (3, 3): Σᵢ (αᵢ λᵢ) pᵢ
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None = None) -> torch.Tensor:
+    """(x − mean) / std per channel for float (N, 3, H, W); `std` None is the paper's mean-only subtraction."""
+    x = x - mean.view(1, 3, 1, 1)
+    if std is not None:
+        x = x / std.view(1, 3, 1, 1)
+    return x
+
+
+class DeviceAugment(nn.Module):
+    """uint8 (N, 3, H, W) → float32 (N, 3, H, W): PCA colour shift (train only), mean subtraction, optional /std.
+
+    Runs on whatever device its buffers and input are on; the statistics travel as buffers with ``.to()`` and
+    the state dict. Colour shifts are drawn with torch's RNG (or `generator`): seed it per rank.
+    """
+
+    def __init__(
+        self,
+        mean_rgb: Sequence[float],
+        eigenvalues: Sequence[float],
+        eigenvectors: Sequence[Sequence[float]],
+        color_shift_std: float = 0.1,
+        std_rgb: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.color_shift_std = float(color_shift_std)
+        self.register_buffer("mean", torch.tensor(mean_rgb, dtype=torch.float32).view(3))
+        self.register_buffer("eigval", torch.tensor(eigenvalues, dtype=torch.float32).view(3))
+        self.register_buffer("eigvec", torch.tensor(eigenvectors, dtype=torch.float32).view(3, 3))
+        self.register_buffer(
+            "std", None if std_rgb is None else torch.tensor(std_rgb, dtype=torch.float32).view(3)
+        )
+
+    @classmethod
+    def from_stats(cls, stats: dict, cfg: DataConfig) -> DeviceAugment:
+        """Build from a stats.json dict and the data config (σ of the colour shift, normalisation choice)."""
+        eigval = np.asarray(stats["eigenvalues"], dtype=np.float64)
+        eigvec = np.asarray(stats["eigenvectors"], dtype=np.float64)
+        if eigval.shape != (3,) or eigvec.shape != (3, 3):
+            raise ValueError(
+                "stats.json needs 3 eigenvalues and a 3x3 eigenvectors list; re-run preprocessing"
+            )
+        if "cov_rgb" in stats:
+            # Catch a transposed matrix (numpy's eigh returns eigenvectors as columns): C pᵢ must equal λᵢ pᵢ.
+            cov = np.asarray(stats["cov_rgb"], dtype=np.float64)
+            if not np.allclose(eigvec @ cov, eigval[:, None] * eigvec, atol=1e-3 * max(eigval.max(), 1e-9)):
+                raise ValueError(
+                    "stats.json: eigenvectors[i] is not the eigenvector of eigenvalues[i] of cov_rgb "
+                    "(a transposed matrix?); rewrite it with `vggdist-preprocess shard --split train`"
+                )
+        std = None
+        if cfg.normalize == "mean_std":
+            if "cov_rgb" not in stats:
+                raise ValueError("data.normalize=mean_std needs cov_rgb in stats.json; re-run preprocessing")
+            std = np.sqrt(np.diag(np.asarray(stats["cov_rgb"], dtype=np.float64))).tolist()
+        return cls(
+            stats["mean_rgb"],
+            (eigval * EIGVAL_TO_PIXELS).tolist(),
+            eigvec.tolist(),
+            cfg.color_shift_std,
+            std,
+        )
+
+    @classmethod
+    def from_dir(cls, data_dir: str | Path, cfg: DataConfig) -> DeviceAugment:
+        """`from_stats(load_stats(data_dir), cfg)`."""
+        return cls.from_stats(load_stats(data_dir), cfg)
+
+    def forward(
+        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        x = images.to(self.mean.device, non_blocking=True)  # (N, 3, H, W), memory format kept
+        x = x.float() if x.dtype != torch.float32 else x.clone()  # a fresh tensor: the ops below are in place
+        shift = -self.mean.view(1, 3)  # (1, 3): mean subtraction …
+        if train and self.color_shift_std > 0:
+            alpha = torch.randn((x.shape[0], 3), device=x.device, generator=generator) * self.color_shift_std
+            shift = shift + pca_color_offset(
+                alpha, self.eigval, self.eigvec
+            )  # … plus the (N, 3) colour shift
+        x = x.add_(shift.view(-1, 3, 1, 1))  # one pass over the pixels: x + offset − mean
+        if self.std is not None:
+            x = x.div_(self.std.view(1, 3, 1, 1))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"color_shift_std={self.color_shift_std}, std={'on' if self.std is not None else 'off'}"
