@@ -31,6 +31,7 @@ from vggdist import data, tracking
 from vggdist.comm import register_comm_hook
 from vggdist.config import Config
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
+from vggdist.transforms import DeviceAugment, load_stats
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     if cfg.run.compile:
         model = torch.compile(model)
 
-    stats = data.load_stats(lc["train_dir"])
-    augment = data.device_augment(stats, cfg.data)
+    stats = load_stats(lc["train_dir"])
+    augment = DeviceAugment.from_stats(stats, cfg.data)
     loop = TrainLoop(
         model,
         cfg,
@@ -368,3 +369,124 @@ def _unfinished_run(experiment: str, run_name: str, uri: str) -> str | None:
         if r["status"] != "FINISHED":
             return r["run_id"]
     return None
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@ray.remote
+def _eval_slice(
+    checkpoints: list[str], val_dir: str, rank: int, world: int, protocols: list[str], scales: list[int]
+) -> dict:
+    from vggdist.eval_run import evaluate_shard_slice
+
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    return evaluate_shard_slice(
+        checkpoints, val_dir, rank=rank, world_size=world, protocols=protocols, scales=scales
+    )
+
+
+def _distributed_counts(
+    checkpoints: list[str], val_dir: Path, protocols: list[str], scales: list[int], workers: int, gpu: bool
+) -> dict:
+    """Sum the counts of `workers` Ray tasks; refuse to report unless every validation image was counted once."""
+    from vggdist.eval_run import add
+
+    opts = {"num_gpus": 1} if gpu else {}
+    refs = [
+        _eval_slice.options(**opts).remote(checkpoints, str(val_dir), r, workers, protocols, scales)
+        for r in range(workers)
+    ]
+    total: dict = {}
+    seen = 0
+    for part in ray.get(refs):
+        total = add(total, part["counts"])
+        seen += part["images"]
+    data.check_eval_count(seen, data.expected_eval_count(val_dir))
+    for key, c in total.items():
+        if c["n"] != seen:
+            raise RuntimeError(f"internal error: {key} counted {c['n']} of {seen} images")
+    return total
+
+
+def _checkpoint_of(run_or_ckpt: str, uri: str) -> tuple[str, str | None]:
+    """(checkpoint path, MLflow run id or None) for a run id or a checkpoint path."""
+    path = tracking.resolve_checkpoint(run_or_ckpt, uri=uri)
+    run_id = None if os.path.exists(run_or_ckpt) or "://" in run_or_ckpt else run_or_ckpt
+    return path, run_id or ckpt.read_meta(path).get("mlflow_run_id")
+
+
+def evaluate(
+    run_or_checkpoint: str,
+    data_dir: str,
+    *,
+    protocols: tuple[str, ...] = ("single", "dense", "multicrop", "combined"),
+    scales: list[int] | None = None,
+    paper_scales: list[int] | None = None,
+    ensemble: list[str] | None = None,
+    workers: int = 2,
+    split: str = "val",
+    address: str | None = None,
+    log_to_run: bool = True,
+    gpu: bool = False,
+) -> dict[str, Any]:
+    """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards.
+
+    Logs `eval/<protocol>/<scales>/top1_err|top5_err` and the `eval_results` table to the evaluated run (for an
+    ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str}.
+    """
+    from vggdist.eval_run import results_rows, val_dir_of
+
+    ensure_ray(address)
+    uri = tracking.tracking_uri()
+    val_dir = val_dir_of(data_dir, split)
+    members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]
+    cfg = ckpt.load_config(members[0][0])
+    scales = list(scales or cfg.eval.test_scales)
+    counts = _distributed_counts(
+        [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu
+    )
+    rows = results_rows(counts, scales, paper_scales)
+    if ensemble:
+        for r in rows:
+            r["models"] = [m[1] or m[0] for m in members]
+    run_id = members[0][1]
+    if log_to_run and run_id:
+        tracker = tracking.Tracker.start(run_id=run_id, uri=uri)
+        prefix = "eval_fusion" if ensemble else "eval"
+        metrics = {}
+        for r in rows:
+            for kind in ("top1_err", "top5_err"):
+                name = tracking.eval_metric_name(r["protocol"], r["scales"], kind)
+                metrics[name.replace("eval/", f"{prefix}/", 1)] = r[kind]
+        tracker.log_metrics(metrics, step=0)
+        tracking.log_eval_table(tracker, rows, name="eval_fusion_results" if ensemble else "eval_results")
+        tracker.flush()
+    return {"rows": rows, "markdown": tracking.markdown_table(rows), "run_id": run_id}
+
+
+def evaluate_fusion(
+    run_ids: list[str],
+    data_dir: str,
+    *,
+    labels: list[str],
+    protocols: tuple[str, ...],
+    scales: list[int],
+    paper_scales: list[int] | None = None,
+    workers: int = 2,
+) -> list[dict[str, Any]]:
+    """Table 6: the posteriors of several runs averaged; rows carry the member labels and run ids."""
+    out = evaluate(
+        run_ids[0],
+        data_dir,
+        protocols=protocols,
+        scales=scales,
+        paper_scales=paper_scales,
+        ensemble=run_ids[1:],
+        workers=workers,
+        log_to_run=False,
+    )
+    for r in out["rows"]:
+        r["models"] = labels
+        r["run_ids"] = run_ids
+    return out["rows"]
