@@ -115,8 +115,12 @@ def to_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> Encoded:
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise Rejected("too_many_pixels", str(e)) from None
-    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct errors from broken headers …
-        raise Rejected("undecodable", f"not a readable image ({type(e).__name__}: {e})") from None
+    except Image.UnidentifiedImageError:
+        raise Rejected(
+            "undecodable", f"not an image format Pillow reads (starts with {data[:8]!r})"
+        ) from None
+    except Exception as e:  # SyntaxError, struct errors … from broken headers
+        raise Rejected("undecodable", f"broken image header ({type(e).__name__}: {e})") from None
 
     width, height = im.size
     _check_header(width, height, limits)

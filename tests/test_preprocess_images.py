@@ -1,0 +1,119 @@
+"""preprocess.images: every image kind → RGB JPEG (or a reasoned refusal), kept bytes, resize rule, EXIF, bombs."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocess.images import Encoded, ImageLimits, Rejected, decode_rgb, target_size, to_jpeg
+
+try:
+    from tests import preprocess_fixtures as fx
+except ImportError:  # pytest's rootdir-less import mode
+    import preprocess_fixtures as fx
+
+LIMITS = ImageLimits(max_side=64)
+
+
+def _stored(enc: Encoded) -> Image.Image:
+    im = Image.open(io.BytesIO(enc.jpeg))
+    im.load()
+    return im
+
+
+@pytest.mark.parametrize("kind", [k for k in fx.image_kinds() if k not in fx.REFUSED])
+def test_every_decodable_kind_becomes_an_rgb_jpeg_whose_pixels_are_reported(kind):
+    enc = to_jpeg(fx.image_kinds()[kind], LIMITS)
+    im = _stored(enc)
+    assert (im.format, im.mode) == ("JPEG", "RGB")
+    assert im.size == (enc.width, enc.height)
+    assert min(im.size) <= LIMITS.max_side
+    np.testing.assert_array_equal(enc.pixels, np.asarray(im))  # stats see exactly what was stored
+
+
+@pytest.mark.parametrize("kind,reason", sorted(fx.REFUSED.items()))
+def test_refused_kinds_carry_a_machine_readable_reason(kind, reason):
+    with pytest.raises(Rejected) as e:
+        to_jpeg(fx.image_kinds()[kind], LIMITS)
+    assert e.value.reason == reason
+    assert e.value.detail
+
+
+@pytest.mark.parametrize("kw", [{}, {"progressive": True}], ids=["baseline", "progressive"])
+def test_rgb_jpeg_within_the_limit_keeps_its_original_bytes(kw):
+    data = fx.rgb_jpeg(90, 60, 1, **kw)
+    enc = to_jpeg(data, LIMITS)
+    assert enc.jpeg is data and not enc.reencoded
+    assert (enc.width, enc.height) == (90, 60)
+
+
+def test_large_image_is_downscaled_to_max_side_on_its_smallest_side_and_never_upscaled():
+    enc = to_jpeg(fx.rgb_jpeg(300, 200, 2), LIMITS)
+    assert enc.reencoded and (enc.width, enc.height) == (96, 64)
+    tall = to_jpeg(fx.rgb_jpeg(200, 300, 2), LIMITS)
+    assert (tall.width, tall.height) == (64, 96)
+    small = to_jpeg(fx.encode(Image.fromarray(fx.natural_rgb(30, 20)), "PNG"), LIMITS)
+    assert (small.width, small.height) == (30, 20)
+    assert target_size(1600, 1200, 512) == (683, 512)
+    assert target_size(500, 375, 512) == (500, 375)
+
+
+def test_draft_downscale_matches_a_full_decode_resize_closely():
+    arr = fx.natural_rgb(1024, 768, 3)
+    data = fx.encode(Image.fromarray(arr), "JPEG", quality=95)
+    enc = to_jpeg(data, ImageLimits(max_side=96))
+    reference = np.asarray(Image.fromarray(arr).resize((enc.width, enc.height), Image.Resampling.LANCZOS))
+    assert (enc.width, enc.height) == (128, 96)
+    assert np.abs(enc.pixels.astype(int) - reference.astype(int)).mean() < 4
+
+
+def test_exif_orientation_is_applied_so_the_image_is_stored_upright():
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = (255, 0, 0)  # left half red, right half blue as stored
+    arr[:, 40:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    data = fx.encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
+    enc = to_jpeg(data, ImageLimits(max_side=512))
+    assert enc.reencoded and (enc.width, enc.height) == (40, 80)
+    top, bottom = enc.pixels[:20].reshape(-1, 3).mean(0), enc.pixels[60:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and bottom[2] > 200  # stored-left (red) is now on top
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    gray16 = np.array([[0, 32896, 65535, 1000]], dtype=np.uint16).repeat(8, axis=0).repeat(8, axis=1)
+    enc = to_jpeg(fx.encode(Image.fromarray(gray16), "PNG"), LIMITS)
+    means = [enc.pixels[:, 8 * i + 2 : 8 * i + 6].mean() for i in range(4)]
+    assert means[0] < 8 and abs(means[1] - 128) < 8 and means[2] > 247 and means[3] < 12
+
+
+def test_alpha_is_composited_onto_white_and_cmyk_keeps_its_colours():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 200  # fully transparent red → white
+    enc = to_jpeg(fx.encode(Image.fromarray(rgba), "PNG"), LIMITS)
+    assert enc.pixels.mean() > 250
+    red = Image.new("RGB", (32, 32), (220, 30, 30)).convert("CMYK")
+    enc = to_jpeg(fx.encode(red, "JPEG", quality=95), LIMITS)
+    r, g, b = enc.pixels.reshape(-1, 3).mean(0)
+    assert r > 180 and g < 70 and b < 70
+
+
+def test_decompression_bomb_is_refused_from_the_header_in_milliseconds():
+    t0 = time.perf_counter()
+    with pytest.raises(Rejected) as e:
+        to_jpeg(fx.bomb_png(60_000, 60_000), LIMITS)
+    assert e.value.reason == "too_many_pixels"
+    assert time.perf_counter() - t0 < 0.5
+    with pytest.raises(Rejected, match="too_many_pixels"):  # our own limit, below Pillow's
+        to_jpeg(fx.rgb_jpeg(100, 100), ImageLimits(max_pixels=5000))
+
+
+def test_limits_are_validated_and_decode_rgb_refuses_non_jpeg():
+    with pytest.raises(ValueError, match="quality"):
+        ImageLimits(quality=0)
+    with pytest.raises(ValueError, match="RGB JPEG"):
+        decode_rgb(fx.encode(Image.new("RGB", (4, 4)), "PNG"))
