@@ -16,7 +16,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.mlflow_server import MlflowServer, free_port, mlflow_server_process  # noqa: F401 - fixture
 from vggdist import __version__, tracking
 from vggdist.tracking import (
     TAG_CHECKPOINT,
@@ -31,6 +30,11 @@ from vggdist.tracking import (
     metric_history,
     resolve_checkpoint,
 )
+
+try:  # `python -m pytest` puts the repo root on sys.path; plain `pytest` only tests/
+    from tests.mlflow_server import MlflowServer, free_port, mlflow_server_process  # noqa: F401 - fixture
+except ModuleNotFoundError:
+    from mlflow_server import MlflowServer, free_port, mlflow_server_process  # noqa: F401 - fixture
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 HTTP_VARS = (

@@ -341,16 +341,18 @@ class Tracker:
             with _http_policy(_LIFECYCLE_HTTP_POLICY):
                 ok = self._drain(force=True)
                 try:
-                    self._client.set_terminated(self.run_id, status=status)
+                    if ok:  # else MLflow is down: do not wait for a second failure
+                        self._client.set_terminated(self.run_id, status=status)
                 except Exception as e:  # ending must not raise in a training loop
                     log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, _one_line(e))
                     ok = False
             if self._pending:
                 log.warning(
-                    "MLflow at %s still unreachable: %d queued logging calls for run %s are lost",
+                    "MLflow at %s still unreachable: run %s stays RUNNING and its %d queued logging calls "
+                    "are lost",
                     self.uri,
-                    len(self._pending),
                     self.run_id,
+                    len(self._pending),
                 )
             return ok
 
@@ -367,20 +369,21 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (nested mappings flattened, values stringified). A param already logged with the
         same value is skipped, so a resumed run can log its config again; a different value raises."""
-        new: dict[str, str] = {}
-        for k, v in flatten(params).items():
-            s = _param_str(v)
-            old = self._params.get(k)
-            if old is None:
-                new[k] = s
-            elif old != s:
-                raise ValueError(
-                    f"param {k!r} of MLflow run {self.run_id} is {old!r}, cannot change it to {s!r}; "
-                    "resume with the same config, or start a new run (no run id)"
-                )
-        if new:
-            self._params.update(new)
-            self._submit(_Op("batch", params=[Param(k, v) for k, v in new.items()]))
+        with self._lock:
+            new: dict[str, str] = {}
+            for k, v in flatten(params).items():
+                s = _param_str(v)
+                old = self._params.get(k)
+                if old is None:
+                    new[k] = s
+                elif old != s:
+                    raise ValueError(
+                        f"param {k!r} of MLflow run {self.run_id} is {old!r}, cannot change it to {s!r}; "
+                        "resume with the same config, or start a new run (no run id)"
+                    )
+            if new:
+                self._params.update(new)
+                self._submit(_Op("batch", params=[Param(k, v) for k, v in new.items()]))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set (or overwrite) tags, e.g. {TAG_CHECKPOINT: path} every epoch."""
