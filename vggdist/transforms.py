@@ -199,8 +199,10 @@ def collate_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def load_stats(data_dir: str | Path) -> dict:
-    """`data_dir/stats.json` (mean RGB, covariance, PCA of the training pixels) as a dict."""
+    """stats.json (mean RGB, covariance, PCA of the training pixels) of `data_dir` or of `data_dir/train`."""
     path = Path(data_dir) / STATS_FILE
+    if not path.is_file() and (Path(data_dir) / "train" / STATS_FILE).is_file():
+        path = Path(data_dir) / "train" / STATS_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: write the training shards and their stats with "

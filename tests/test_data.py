@@ -1,0 +1,217 @@
+"""vggdist.data on real tiny shards (real JPEGs, real webdataset reads): exact training steps on every rank with
+uneven shards, independent rank streams, exactly-once evaluation over ranks × loader workers, clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vggdist import data as D
+from vggdist.config import DataConfig
+
+CFG = DataConfig(crop_size=32, train_scale=37, shuffle_buffer=8, loader_workers=0)
+
+
+def tiny_jpeg(i: int) -> bytes:
+    """A small real JPEG; sizes vary (landscape, portrait, square) and the colour encodes i."""
+    w, h = [(48, 40), (40, 52), (44, 44)][i % 3]
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 5 % 256, y * 4 % 256, np.full_like(x, i % 256)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_split(d: Path, split: str, sizes: list[int], manifest_sizes: list[int] | None = None) -> list[str]:
+    """Shards `{split}-{i:06d}.tar` with sum(sizes) samples; `cls` is the global sample number (so labels
+    identify samples). Returns all keys in order."""
+    d.mkdir(parents=True, exist_ok=True)
+    keys, shards, n = [], [], 0
+    for s, size in enumerate(sizes):
+        name = f"{split}-{s:06d}.tar"
+        with wds.TarWriter(str(d / name)) as sink:
+            for _ in range(size):
+                key = f"{split}_{n:06d}"
+                meta = {"wnid": f"n{n:08d}", "source": f"x/{key}.JPEG", "width": 1, "height": 1}
+                sink.write({"__key__": key, "jpg": tiny_jpeg(n), "cls": str(n).encode(), "json": meta})
+                keys.append(key)
+                n += 1
+        shards.append({"name": name, "samples": size, "bytes": (d / name).stat().st_size, "sha256": "-"})
+    if manifest_sizes is not None:
+        for entry, m in zip(shards, manifest_sizes, strict=True):
+            entry["samples"] = m
+    manifest = {
+        "format_version": 1,
+        "split": split,
+        "classes": [{"index": i, "wnid": f"n{i:08d}", "name": str(i)} for i in range(n)],
+        "num_samples": sum(e["samples"] for e in shards),
+        "shards": shards,
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    """DIR/train and DIR/val with deliberately uneven shards of 5, 17 and 40 samples."""
+    root = tmp_path_factory.mktemp("shards")
+    return (
+        root,
+        write_split(root / "train", "train", [5, 17, 40]),
+        write_split(root / "val", "val", [5, 17, 40]),
+    )
+
+
+def run_train(root, *, rank, world_size=2, workers=0, steps=7, batch=4, epoch=0, cfg=CFG):
+    loader = D.train_loader(
+        root,
+        cfg,
+        batch_size=batch,
+        steps=steps,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+        epoch=epoch,
+        num_workers=workers,
+    )
+    assert len(loader) == steps
+    batches = list(loader)
+    for images, labels in batches:
+        assert images.shape == (batch, 3, cfg.crop_size, cfg.crop_size) and images.dtype == torch.uint8
+        assert labels.shape == (batch,) and labels.dtype == torch.int64
+    return batches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_runs_exactly_the_steps_with_uneven_shards(uneven, workers):
+    root = uneven[0]
+    steps = D.steps_per_epoch(62, global_batch_size=8)  # 2 ranks x 4
+    assert steps == 7
+    per_rank = [run_train(root, rank=r, workers=workers, steps=steps) for r in range(2)]
+    assert [len(b) for b in per_rank] == [steps, steps]
+    seen = torch.cat([lab for b in per_rank for _, lab in b])
+    assert seen.min() >= 0 and seen.max() < 62
+    # 2 workers over 5 steps: shares 3 and 2 still add up
+    assert len(run_train(root, rank=0, workers=2, steps=5)) == 5
+
+
+def test_more_steps_than_one_pass_and_jittered_scale(uneven):
+    cfg = DataConfig(crop_size=32, train_scale=37, scale_jitter=(32, 64), shuffle_buffer=16)
+    batches = run_train(uneven[0], rank=1, workers=2, steps=20, batch=8, cfg=cfg)  # 160 > 62 samples
+    labels = torch.cat([lab for _, lab in batches])
+    assert len(set(labels.tolist())) > 40  # resampling reaches (nearly) everything, every shard
+    assert {0 <= v < 5 for v in labels.tolist()} == {True, False}
+
+
+def test_rank_streams_differ_and_replay(uneven):
+    root = uneven[0]
+
+    def labels(**kw):
+        return torch.cat([lab for _, lab in run_train(root, **kw)]).tolist()
+
+    r0, r1 = labels(rank=0), labels(rank=1)
+    assert r0 != r1
+    assert labels(rank=0) == r0  # same (seed, epoch, rank): same stream
+    assert labels(rank=0, epoch=1) != r0
+    batches = [lab.tolist() for _, lab in run_train(root, rank=0, workers=2, steps=8)]
+    assert batches[0::2] != batches[1::2]  # batches alternate between the two loader workers
+
+
+def test_train_batches_are_real_crops(uneven):
+    images, labels = run_train(uneven[0], rank=0, steps=1, batch=6)[0]
+    # blue channel of sample n is n (JPEG rounding aside): the label and the pixels travel together
+    blue = images[:, 2].float().mean(dim=(1, 2))
+    assert torch.allclose(blue, labels.float(), atol=3)
+
+
+def collect_eval(root, world_size, workers, **kw):
+    keys, total, batches = [], 0, 0
+    for rank in range(world_size):
+        loader = D.eval_loader(root, "val", rank=rank, world_size=world_size, num_workers=workers, **kw)
+        n = 0
+        for images, labels, k in loader:
+            assert len(images) == len(labels) == len(k)
+            assert labels.tolist() == [int(x.split("_")[1]) for x in k]
+            keys += k
+            n += 1
+        assert n == len(loader) and loader.samples_seen == loader.num_samples
+        total += loader.samples_seen
+        batches += n
+    return keys, total
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 0), (2, 2), (3, 2), (8, 2)])
+def test_eval_sees_every_sample_exactly_once(uneven, world_size, workers):
+    root, _, val_keys = uneven
+    keys, total = collect_eval(root, world_size, workers, batch_size=4)
+    assert sorted(keys) == val_keys  # exactly once, even with 16 slots for 3 shards
+    D.check_eval_count(total, D.expected_eval_count(root, "val"))
+
+
+def test_eval_slots_are_balanced():
+    sizes = [D._slot_range(62, k, 6) for k in range(6)]
+    assert [hi - lo for lo, hi in sizes] == [10, 10, 11, 10, 10, 11]
+    assert sizes[0][0] == 0 and sizes[-1][1] == 62
+
+
+def test_eval_images_full_rescaled_and_centre_cropped(uneven):
+    root = uneven[0]
+    images, _, _ = next(iter(D.eval_loader(root, rank=0, world_size=1, batch_size=3)))
+    assert [tuple(im.shape) for im in images] == [(3, 40, 48), (3, 52, 40), (3, 44, 44)]  # stored size
+    images, _, _ = next(iter(D.eval_loader(root, rank=0, world_size=1, batch_size=3, q=64)))
+    assert [tuple(im.shape) for im in images] == [(3, 64, 76), (3, 83, 64), (3, 64, 64)]
+    loader = D.center_crop_loader(root, rank=1, world_size=2, q=37, crop=32, batch_size=8, num_workers=2)
+    shapes = [tuple(b[0].shape) for b in loader]
+    assert all(s[1:] == (3, 32, 32) for s in shapes) and sum(s[0] for s in shapes) == 31
+
+
+def test_shard_shorter_or_longer_than_manifest_is_an_error(tmp_path):
+    write_split(tmp_path / "short", "val", [4, 6], manifest_sizes=[4, 7])
+    with pytest.raises(D.DataError, match="ends after 6 samples"):
+        collect_eval(tmp_path / "short", 1, 0)
+    write_split(tmp_path / "long", "val", [4, 6], manifest_sizes=[3, 7])
+    with pytest.raises(D.DataError, match="more than the 3 samples"):
+        collect_eval(tmp_path / "long", 2, 0)
+
+
+def test_manifest_errors_name_the_fix(tmp_path):
+    with pytest.raises(D.DataError, match="vggdist-preprocess shard --split train"):
+        D.shard_urls(tmp_path, "train")
+    write_split(tmp_path / "val", "val", [3])
+    with pytest.raises(D.DataError, match="no train shards"):
+        D.read_manifest(tmp_path / "val", "train")
+    (tmp_path / "val" / "manifest.json").write_text('{"split": "val", "shards": [')
+    with pytest.raises(D.DataError, match="not valid JSON.*vggdist-preprocess shard"):
+        D.read_manifest(tmp_path, "val")
+    (tmp_path / "val" / "manifest.json").write_text(
+        '{"split": "val", "num_samples": 3, "shards": [{"name": "x"}]}'
+    )
+    with pytest.raises(D.DataError, match="corrupt"):
+        D.expected_eval_count(tmp_path)
+    write_split(tmp_path / "v2", "val", [3, 2])
+    (tmp_path / "v2" / "val-000001.tar").unlink()
+    with pytest.raises(D.DataError, match="val-000001.tar is listed in manifest.json but missing"):
+        D.shard_urls(tmp_path / "v2", "val")
+
+
+def test_split_dir_layouts_and_shard_urls(uneven):
+    root = uneven[0]
+    assert D.split_dir(root, "train") == root / "train"
+    assert D.split_dir(root / "val", "val") == root / "val"
+    assert [Path(u).name for u in D.shard_urls(root, "val")] == [f"val-{i:06d}.tar" for i in range(3)]
+    assert D.read_manifest(root / "train")["split"] == "train"
+
+
+def test_counts_and_steps():
+    assert D.steps_per_epoch(1_281_167, 256) == 5004
+    assert D.steps_per_epoch(10, 256) == 1
+    D.check_eval_count(50_000, 50_000)
+    with pytest.raises(D.EvalCountError, match="counted 49999 images but the manifest lists 50000"):
+        D.check_eval_count(49_999, 50_000)

@@ -1,0 +1,439 @@
+"""WebDataset input pipelines over the shards of `vggdist-preprocess` (DESIGN.md §4): §3.1 training, §3.2 testing.
+
+Training (`train_loader`): every rank runs exactly the same number of steps, whatever the shard sizes, because
+shards are drawn *with replacement* — each (rank, loader worker) draws shards from its own random stream, reads
+them into an in-memory shuffle buffer and cuts exactly its share of the steps. Nothing waits for a shard to
+end, so uneven shards cannot make one rank run out before another (the usual DDP hang).
+
+Evaluation (`eval_loader`, `center_crop_loader`): every sample exactly once across all ranks and loader
+workers. The samples, in manifest order, are numbered 0 … N−1 and cut into world_size × workers contiguous
+ranges of ⌊N/slots⌋ or ⌈N/slots⌉ samples; slot k = rank × workers + worker reads only the shards overlapping
+its range and decodes only its samples. This balances the work to ±1 sample per slot whatever the number or
+size of the shards (round-robin whole shards would leave up to a shard of imbalance, and with fewer shards
+than slots idle slots); a slot whose range starts inside a shard reads, without decoding, that shard's head.
+Every slot checks the shard lengths it sees against manifest.json and raises on a mismatch, and the summed
+count is checked against the manifest by `check_eval_count` before an error rate is reported.
+
+Data directories: a directory holding one split (its manifest.json says which) or a parent with `train/`
+and `val/` split directories; `split_dir` resolves either. No ray or mlflow imports here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vggdist import transforms as T
+from vggdist.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Batches",
+    "DataError",
+    "EvalCountError",
+    "center_crop_loader",
+    "check_eval_count",
+    "eval_loader",
+    "expected_eval_count",
+    "read_manifest",
+    "shard_urls",
+    "split_dir",
+    "steps_per_epoch",
+    "train_loader",
+]
+
+MANIFEST = "manifest.json"
+_PREPROCESS = "vggdist-preprocess shard"
+
+
+class DataError(RuntimeError):
+    """The shards or their metadata are missing or inconsistent; the message says what to run."""
+
+
+class EvalCountError(DataError):
+    """An evaluation saw a different number of images than the manifest lists."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# manifest and shard lists
+
+
+def _load_manifest(path: Path) -> dict:
+    fix = f"rerun `{_PREPROCESS} --split SPLIT --out {path.parent}` (it resumes) and `vggdist-preprocess verify {path.parent}`"
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); {fix}") from e
+    try:
+        shards = m["shards"]
+        counts = [int(s["samples"]) for s in shards]
+        names = [str(s["name"]) for s in shards]
+        total = int(m["num_samples"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is corrupt (missing or malformed {e}); {fix}") from e
+    if not shards or any(c < 0 for c in counts) or any("/" in n for n in names):
+        raise DataError(f"{path} lists no shards or invalid ones; {fix}")
+    if sum(counts) != total:
+        raise DataError(f"{path}: shards hold {sum(counts)} samples but num_samples says {total}; {fix}")
+    return m
+
+
+def split_dir(data_dir: str | Path, split: str) -> Path:
+    """The directory holding `split`'s shards: `data_dir` itself if its manifest is that split, else `data_dir/split`."""
+    d = Path(data_dir)
+    found = None
+    for cand in (d, d / split):
+        path = cand / MANIFEST
+        if path.is_file():
+            m = _load_manifest(path)
+            if m.get("split", split) == split:
+                return cand
+            found = found or (path, m.get("split"))
+    held = f" ({found[0]} is split {found[1]!r})" if found else ""
+    raise DataError(
+        f"no {split} shards under {d}{held}: write them with `{_PREPROCESS} --split {split} --out {d / split}`"
+    )
+
+
+def read_manifest(data_dir: str | Path, split: str | None = None) -> dict:
+    """manifest.json of `data_dir` (or of its `split` directory, see `split_dir`), checked for consistency."""
+    d = split_dir(data_dir, split) if split is not None else Path(data_dir)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: write the shards with `{_PREPROCESS} --split SPLIT --out {d}`")
+    return _load_manifest(path)
+
+
+def _shards(data_dir: str | Path, split: str) -> tuple[list[str], list[int]]:
+    d = split_dir(data_dir, split)
+    m = _load_manifest(d / MANIFEST)
+    urls, counts = [], []
+    for s in m["shards"]:
+        path = d / s["name"]
+        if not path.is_file():
+            raise DataError(
+                f"{path} is listed in manifest.json but missing; rerun `{_PREPROCESS} --split {split} --out {d}`"
+            )
+        urls.append(str(path))
+        counts.append(int(s["samples"]))
+    return urls, counts
+
+
+def shard_urls(data_dir: str | Path, split: str) -> list[str]:
+    """Paths of `split`'s shards in manifest order (each checked to exist)."""
+    return _shards(data_dir, split)[0]
+
+
+def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
+    """Optimizer steps in one pass worth of samples: ⌊num_samples / global_batch_size⌋, at least 1."""
+    if num_samples <= 0 or global_batch_size <= 0:
+        raise ValueError(
+            f"need num_samples > 0 and global_batch_size > 0, got {num_samples}, {global_batch_size}"
+        )
+    return max(1, num_samples // global_batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DataLoader plumbing
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _data_loader(ds: IterableDataset, num_workers: int) -> DataLoader:
+    """Batches are made in the workers (batch_size=None); pinned host memory when a GPU will take them."""
+    kw: dict = {}
+    if num_workers > 0:
+        kw["prefetch_factor"] = 4
+        if sys.platform.startswith("linux"):
+            kw["multiprocessing_context"] = (
+                "fork"  # cheap start, the dataset object is inherited, not pickled
+            )
+    return DataLoader(
+        ds, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kw
+    )
+
+
+class Batches:
+    """An iterable of batches with a known length (for progress bars) that checks it yields exactly that many."""
+
+    def __init__(self, loader: DataLoader, num_batches: int, num_samples: int | None = None) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        self.num_samples = num_samples  # samples this rank will see (evaluation), None for training
+        self.samples_seen = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator:
+        n = 0
+        self.samples_seen = 0
+        for batch in self.loader:
+            n += 1
+            self.samples_seen += len(batch[1])
+            yield batch
+        if n != self.num_batches:  # internal invariant: the per-worker shares add up
+            raise RuntimeError(f"loader yielded {n} batches, expected {self.num_batches}")
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+class _TrainStream(IterableDataset):
+    """Yields this (rank, worker)'s share of `steps` batches: (uint8 (B, 3, crop, crop), int64 (B,))."""
+
+    def __init__(self, urls, cfg: DataConfig, batch_size, steps, rank, world_size, seed, epoch) -> None:
+        super().__init__()
+        self.urls, self.cfg = urls, cfg
+        self.batch_size, self.steps = batch_size, steps
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, num_workers = _worker()
+        my_steps = self.steps // num_workers + (worker < self.steps % num_workers)
+        if my_steps == 0:
+            return
+        # One random stream per (seed, epoch, rank, worker): ranks and workers never share shard draws,
+        # shuffles or crops, and a rerun of the same epoch draws the same.
+        ss = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+        shard_ss, crop_ss, shuffle_ss = ss.spawn(3)
+        shard_rng, crop_rng = np.random.default_rng(shard_ss), np.random.default_rng(crop_ss)
+        shuffle_rng = random.Random(int(shuffle_ss.generate_state(1)[0]))  # wds.shuffle wants random.Random
+        urls = self.urls
+
+        def shard_draws() -> Iterator[dict]:  # endless: {"url": shard} with replacement
+            while True:
+                yield {"url": urls[int(shard_rng.integers(len(urls)))]}
+
+        samples = wds.tarfile_to_samples()(shard_draws())  # {"__key__", "__url__", "jpg", "cls", "json"}
+        bufsize = self.cfg.shuffle_buffer
+        if bufsize > 1:  # raw samples (JPEG bytes) are buffered; decoding happens after the shuffle
+            samples = wds.shuffle(bufsize, initial=bufsize, rng=shuffle_rng)(samples)
+        scale = self.cfg.scale_jitter or self.cfg.train_scale
+        crop = self.cfg.crop_size
+        for _ in range(my_steps):
+            images, labels = [], []
+            for sample in samples:
+                images.append(_decode(sample, lambda b: T.train_crop_jpeg(b, scale, crop, crop_rng)))
+                labels.append(int(sample["cls"]))
+                if len(images) == self.batch_size:
+                    break
+            yield T.collate_images(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _decode(sample: dict, fn):
+    try:
+        return fn(sample["jpg"])
+    except Exception as e:  # one line naming the sample and the fix
+        url = sample.get("__url__", "?")
+        raise DataError(
+            f"{url}: sample {sample.get('__key__')!r} does not decode ({type(e).__name__}: {e}); "
+            f"check the shards with `vggdist-preprocess verify {Path(url).parent}`"
+        ) from e
+
+
+def train_loader(
+    data_dir: str | Path,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    steps: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int | None = None,
+) -> Batches:
+    """§3.1 training batches for one rank: exactly `steps` of (uint8 (B, 3, crop, crop), int64 (B,)).
+
+    What an epoch is: `steps` (use `steps_per_epoch(num_samples, global_batch_size)`) × the global batch,
+    i.e. one pass worth of samples, but drawn with replacement at the shard level: each (rank, loader worker)
+    draws shards uniformly from its own stream seeded by (seed, epoch, rank, worker), reads them whole into a
+    `cfg.shuffle_buffer`-sample shuffle buffer, and crops with S fixed or jittered (cfg). In expectation every
+    sample is seen once per epoch; there is no guarantee that each is (some shards are read twice, some not
+    at all, and a shard read partly at the end of an epoch is not resumed). In exchange every rank runs
+    exactly `steps` steps whatever the shard sizes, and ranks draw from independent streams (no collisions
+    beyond chance). Steps are split over the `num_workers` loader workers (default cfg.loader_workers) so
+    they add up exactly. Images are channels_last uint8; convert them on the device with
+    `vggdist.transforms.DeviceAugment`.
+    """
+    _check_rank(rank, world_size)
+    if batch_size < 1 or steps < 0:
+        raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size}, {steps}")
+    urls = shard_urls(data_dir, "train")
+    workers = cfg.loader_workers if num_workers is None else num_workers
+    ds = _TrainStream(urls, cfg, batch_size, steps, rank, world_size, seed, epoch)
+    logger.debug(
+        "train loader rank %d/%d: %d steps of %d, %d shards, %d workers",
+        rank,
+        world_size,
+        steps,
+        batch_size,
+        len(urls),
+        workers,
+    )
+    return Batches(_data_loader(ds, workers), steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _slot_range(total: int, slot: int, slots: int) -> tuple[int, int]:
+    """Samples [lo, hi) of slot `slot` out of `slots`: contiguous, sizes ⌊total/slots⌋ or ⌈total/slots⌉."""
+    return total * slot // slots, total * (slot + 1) // slots
+
+
+class _EvalStream(IterableDataset):
+    """This (rank, worker) slot's samples, once: (images, int64 labels (B,), keys)."""
+
+    def __init__(self, urls, counts, rank, world_size, batch_size, q, crop) -> None:
+        super().__init__()
+        self.urls, self.counts = urls, counts
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.q, self.crop = q, crop
+
+    def _image(self, data: bytes) -> torch.Tensor:
+        if self.crop is not None:
+            return T.center_crop_jpeg(data, self.q, self.crop)  # (3, crop, crop)
+        return T.decode_rescaled(data, self.q)  # (3, H, W), smallest side Q (or as stored)
+
+    def _batch(self, images, labels, keys):
+        imgs = T.collate_images(images) if self.crop is not None else images
+        return imgs, torch.tensor(labels, dtype=torch.int64), keys
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        lo, hi = _slot_range(
+            sum(self.counts), self.rank * num_workers + worker, self.world_size * num_workers
+        )
+        images, labels, keys = [], [], []
+        start = 0
+        for url, count in zip(self.urls, self.counts, strict=True):
+            first, start = start, start + count
+            if start <= lo or first >= hi:
+                continue  # no sample of this shard is ours
+            n = 0
+            for i, sample in enumerate(wds.tarfile_to_samples()([{"url": url}])):
+                if i >= count:
+                    raise DataError(
+                        f"{url} holds more than the {count} samples manifest.json lists; "
+                        f"run `vggdist-preprocess verify {Path(url).parent}`"
+                    )
+                n = i + 1
+                g = first + i  # global sample number
+                if g < lo:
+                    continue  # read, not decoded
+                if g >= hi:
+                    break
+                images.append(_decode(sample, self._image))
+                labels.append(int(sample["cls"]))
+                keys.append(sample["__key__"])
+                if len(images) == self.batch_size:
+                    yield self._batch(images, labels, keys)
+                    images, labels, keys = [], [], []
+            else:
+                if n < count:
+                    raise DataError(
+                        f"{url} ends after {n} samples but manifest.json lists {count}; "
+                        f"run `vggdist-preprocess verify {Path(url).parent}`"
+                    )
+        if images:  # the partial last batch is kept: every image counts
+            yield self._batch(images, labels, keys)
+
+
+def eval_loader(
+    data_dir: str | Path,
+    split: str = "val",
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int = 0,
+    q: int | None = None,
+    crop: int | None = None,
+    batch_size: int = 32,
+) -> Batches:
+    """§3.2 test images, each exactly once across all ranks × loader workers (see the module docstring).
+
+    Yields (images, labels int64 (B,), keys list[str]). Without `crop`: images is a list of uint8 (3, H, W),
+    rescaled to smallest side `q` (or as stored when q is None; multi-scale evaluation rescales the tensors
+    in vggdist.evaluate). With `crop`: a uint8 (B, 3, crop, crop) channels_last batch of centre crops at Q.
+    Batches hold up to `batch_size` images; the last of each slot may be smaller (nothing dropped or padded).
+    `len()` is this rank's batch count and `.num_samples` its image count; sum the images seen over ranks and
+    pass them to `check_eval_count`.
+    """
+    _check_rank(rank, world_size)
+    if crop is not None and q is None:
+        raise ValueError("a centre crop needs the test scale q (Q >= crop)")
+    if crop is not None and q < crop:
+        raise ValueError(f"test scale q={q} must be >= crop={crop}")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    urls, counts = _shards(data_dir, split)
+    ds = _EvalStream(urls, counts, rank, world_size, batch_size, q, crop)
+    slots = max(1, num_workers)
+    sizes = [
+        hi - lo
+        for lo, hi in (_slot_range(sum(counts), rank * slots + w, world_size * slots) for w in range(slots))
+    ]
+    return Batches(
+        _data_loader(ds, num_workers), sum(math.ceil(n / batch_size) for n in sizes), num_samples=sum(sizes)
+    )
+
+
+def center_crop_loader(
+    data_dir: str | Path,
+    split: str = "val",
+    *,
+    rank: int,
+    world_size: int,
+    q: int,
+    crop: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> Batches:
+    """Per-epoch single-scale validation: (uint8 (B, 3, crop, crop), labels, keys), centre crops at Q, exactly once."""
+    return eval_loader(
+        data_dir,
+        split,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        q=q,
+        crop=crop,
+        batch_size=batch_size,
+    )
+
+
+def expected_eval_count(data_dir: str | Path, split: str = "val") -> int:
+    """How many images an evaluation of `split` must count: manifest.json's num_samples."""
+    return int(read_manifest(data_dir, split)["num_samples"])
+
+
+def check_eval_count(seen: int, expected: int) -> None:
+    """Raise unless an evaluation counted every image exactly once (`seen` summed over all ranks)."""
+    if seen != expected:
+        raise EvalCountError(
+            f"evaluation counted {seen} images but the manifest lists {expected}: no error rate is reported; "
+            f"check the shards with `vggdist-preprocess verify DIR` and that every rank evaluated its share"
+        )
