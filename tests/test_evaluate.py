@@ -1,0 +1,274 @@
+"""§3.2 / §4 evaluation protocols: geometry, posteriors against brute force, counts, batching."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vggdist.dense import to_dense
+from vggdist.evaluate import (
+    add_counts,
+    center_crop,
+    combine,
+    dense_posteriors,
+    error_rates,
+    evaluate_batch,
+    fuse,
+    multicrop_boxes,
+    multicrop_posteriors,
+    multiscale,
+    rescale,
+    scales_key,
+    single_posteriors,
+    topk_counts,
+)
+from vggdist.models import SCALES, build_vgg
+
+CROP = 32
+K = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A random network whose posteriors differ from image to image (a N(0, 1e-4) or Glorot init gives
+    # near-uniform, image-independent posteriors and would make the comparisons below vacuous).
+    torch.manual_seed(0)
+    net = build_vgg("A", K, **SCALES["mini"]).double().eval()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    with torch.no_grad():
+        fc8 = net.classifier[6]
+        calibration = torch.stack(_images(*[(CROP, CROP)] * 64, seed=99))
+        fc8.bias -= net(calibration).mean(0)  # remove the part common to all images
+        fc8.weight *= 4
+        fc8.bias *= 4
+    return net
+
+
+def _images(*sizes, seed=1):
+    # Smooth random images (noise upsampled 4x), so rescaling barely changes their statistics.
+    g = torch.Generator().manual_seed(seed)
+    return [
+        F.interpolate(
+            torch.randn(1, 3, h // 4 + 1, w // 4 + 1, generator=g, dtype=torch.float64),
+            size=(h, w),
+            mode="bilinear",
+        )[0]
+        for h, w in sizes
+    ]
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# --- geometry -----------------------------------------------------------------------------------------------
+
+
+def test_rescale_smallest_side_keeps_aspect():
+    assert rescale(torch.rand(3, 375, 500), 256).shape == (3, 256, 341)
+    assert rescale(torch.rand(3, 500, 375), 256).shape == (3, 341, 256)
+    assert rescale(torch.rand(2, 3, 100, 60), 30).shape == (2, 3, 50, 30)
+    flat = torch.full((3, 40, 60), 0.25)
+    torch.testing.assert_close(rescale(flat, 100), torch.full((3, 100, 150), 0.25))  # no border artefacts
+    with pytest.raises(ValueError, match="positive"):
+        rescale(flat, 0)
+
+
+def test_center_crop():
+    image = torch.arange(7 * 9, dtype=torch.float32).reshape(1, 7, 9).expand(3, 7, 9)
+    crop = center_crop(image, 3)
+    assert crop.shape == (3, 3, 3)
+    assert crop[0, 0, 0] == image[0, 2, 3]  # offsets ((7-3)//2, (9-3)//2)
+    with pytest.raises(ValueError, match="Q >= crop"):
+        center_crop(image, 8)
+
+
+def test_multicrop_boxes_grid_corners_and_borders():
+    height, width, crop = 224 + 37, 224 + 130, 224
+    boxes = multicrop_boxes(height, width, crop)
+    assert len(boxes) == 25 and len(set(boxes)) == 25
+    tops = sorted({t for t, _ in boxes})
+    lefts = sorted({left for _, left in boxes})
+    assert tops[0] == 0 and tops[-1] == height - crop and lefts[0] == 0 and lefts[-1] == width - crop
+    for corner in [(0, 0), (0, width - crop), (height - crop, 0), (height - crop, width - crop)]:
+        assert corner in boxes
+    assert all(0 <= t <= height - crop and 0 <= left <= width - crop for t, left in boxes)
+    steps = {b - a for a, b in zip(lefts, lefts[1:], strict=False)}
+    assert max(steps) - min(steps) <= 1 and abs(min(steps) - 130 / 4) < 1  # regular spacing
+    assert boxes[:5] == [(0, left) for left in lefts]  # row by row
+    assert multicrop_boxes(224, 224, 224) == [(0, 0)] * 25  # image the size of the crop
+    assert multicrop_boxes(10, 20, 4, grid=1) == [(3, 8)]
+    with pytest.raises(ValueError, match="does not fit"):
+        multicrop_boxes(100, 300, 224)
+
+
+def test_crop_count_is_50_per_scale_and_150_over_three(model):
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        images = _images((40, 52), (45, 33))
+        multicrop_posteriors(model, images, 36, CROP, batch_size=17)
+        assert sum(rows) == 2 * 50
+        rows.clear()
+        evaluate_batch(
+            model, images, torch.tensor([0, 1]), protocols=["multicrop"], scales=(32, 40, 48), crop=CROP
+        )
+        assert sum(rows) == 2 * 150
+    finally:
+        handle.remove()
+
+
+# --- posteriors against brute force ---------------------------------------------------------------------------
+
+
+def _softmax(logits):
+    return logits.softmax(dim=1)[0]
+
+
+def _brute_single(model, image, q):
+    with torch.no_grad():
+        return _softmax(model(center_crop(rescale(image, q), CROP)[None]))
+
+
+def _brute_multicrop(model, image, q):
+    image = rescale(image, q)
+    crops = [
+        image[:, top : top + CROP, left : left + CROP]
+        for top, left in multicrop_boxes(image.shape[1], image.shape[2], CROP)
+    ]
+    views = torch.stack(crops + [crop.flip(-1) for crop in crops])  # (50, 3, CROP, CROP)
+    with torch.no_grad():
+        return model(views).softmax(dim=1).mean(0)
+
+
+def _brute_dense(dense, image, q):
+    image = rescale(image, q)[None]
+    with torch.no_grad():
+        return (_softmax(dense(image).mean((2, 3))) + _softmax(dense(image.flip(-1)).mean((2, 3)))) / 2
+
+
+SIZES = [(40, 52), (60, 33), (40, 52), (33, 33), (52, 40)]
+
+
+def test_single_and_multicrop_match_brute_force(model):
+    images = _images(*SIZES)
+    single = single_posteriors(model, images, 36, CROP, batch_size=3)
+    multi = multicrop_posteriors(model, images, 36, CROP, batch_size=7)  # chunks straddle images
+    assert single.shape == multi.shape == (len(images), K)
+    _close(single, torch.stack([_brute_single(model, im, 36) for im in images]))
+    _close(multi, torch.stack([_brute_multicrop(model, im, 36) for im in images]))
+    _close(multi.sum(1), torch.ones(len(images), dtype=torch.float64))
+    assert single.max(1).values.min() > 1.5 / K and len(set(single.argmax(1).tolist())) > 1  # not vacuous
+
+
+def test_dense_matches_brute_force_and_mixed_size_batching(model):
+    dense = to_dense(model)
+    images = _images(*SIZES)
+    together = dense_posteriors(dense, images, 70, batch_size=64)  # maps of 3 sizes, > 1x1
+    one_by_one = torch.cat([dense_posteriors(dense, [im], 70) for im in images])
+    _close(together, one_by_one)
+    _close(together, torch.stack([_brute_dense(dense, im, 70) for im in images]))
+    _close(dense_posteriors(dense, images, 70, batch_size=1), together)
+
+
+def test_dense_equals_multicrop_on_a_crop_sized_image(model):
+    # At Q = crop on a crop x crop image every one of the 25 crops is the whole image and the score map is
+    # 1x1: dense and multi-crop both average softmax(image) and softmax(flipped image).
+    images = _images((CROP, CROP), (CROP, CROP), seed=3)
+    _close(dense_posteriors(to_dense(model), images, CROP), multicrop_posteriors(model, images, CROP, CROP))
+
+
+def test_evaluation_restores_training_mode():
+    net = build_vgg("A", K, **SCALES["mini"]).double().train()
+    images = _images((40, 40))
+    first = single_posteriors(net, images, 32, CROP)
+    assert net.training
+    _close(single_posteriors(net, images, 32, CROP), first)  # dropout off while evaluating
+
+
+# --- combining and counting -----------------------------------------------------------------------------------
+
+
+def test_averages_and_shape_checks():
+    a, b, c = torch.rand(3, 4), torch.rand(3, 4), torch.rand(3, 4)
+    _close(multiscale([a, b, c]), (a + b + c) / 3)
+    _close(combine(a, b), (a + b) / 2)
+    _close(fuse([a, b]), (a + b) / 2)
+    with pytest.raises(ValueError, match="one shape"):
+        fuse([a, torch.rand(3, 5)])
+    with pytest.raises(ValueError, match="at least one"):
+        multiscale([])
+
+
+def test_topk_counts_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    posteriors = torch.rand(200, 10, generator=g)
+    labels = torch.randint(0, 10, (200,), generator=g)
+    expected = {"n": 200, "top1": 0, "top5": 0}
+    for p, y in zip(posteriors.tolist(), labels.tolist(), strict=True):
+        rank = sorted(p, reverse=True).index(p[y])
+        expected["top1"] += rank < 1
+        expected["top5"] += rank < 5
+    counts = topk_counts(posteriors, labels)
+    assert counts == expected and all(type(v) is int for v in counts.values())
+    assert 0 < counts["top1"] < counts["top5"] < 200
+    assert topk_counts(posteriors[:, :3], labels.clamp(max=2)) == {
+        "n": 200,
+        "top1": topk_counts(posteriors[:, :3], labels.clamp(max=2), ks=(1,))["top1"],
+        "top5": 200,  # k clamped to 3 classes
+    }
+    assert error_rates({"n": 8, "top1": 6, "top5": 8}) == {"top1_err": 25.0, "top5_err": 0.0}
+    with pytest.raises(ValueError, match="no images"):
+        error_rates({"n": 0, "top1": 0})
+
+
+def test_evaluate_batch_keys_counts_and_single_computation(model):
+    images = _images(*SIZES[:4])
+    labels = torch.tensor([4, 5, 5, 1])  # some right, some wrong
+    scales = (32, 40, 48)
+    dense = to_dense(model)
+    fc_rows, dense_rows = [], []
+    h1 = model.register_forward_pre_hook(lambda m, args: fc_rows.append(args[0].shape[0]))
+    h2 = dense.register_forward_pre_hook(lambda m, args: dense_rows.append(args[0].shape[0]))
+    try:
+        results = evaluate_batch(model, images, labels, scales=scales, crop=CROP, dense_model=dense)
+    finally:
+        h1.remove()
+        h2.remove()
+    n = len(images)
+    assert sum(fc_rows) == len(scales) * (n + 50 * n)  # single + multi-crop, each once per scale
+    assert sum(dense_rows) == len(scales) * 2 * n  # image + flip, once per scale, shared with combined
+    assert scales_key(scales) == "Q32-40-48"
+    expected_keys = {
+        f"{p}/Q{q}" for p in ("single", "dense", "multicrop", "combined") for q in (*scales, "32-40-48")
+    }
+    assert set(results) == expected_keys
+
+    post = {
+        "single": [torch.stack([_brute_single(model, im, q) for im in images]) for q in scales],
+        "dense": [torch.stack([_brute_dense(dense, im, q) for im in images]) for q in scales],
+        "multicrop": [torch.stack([_brute_multicrop(model, im, q) for im in images]) for q in scales],
+    }
+    post["combined"] = [(d + m) / 2 for d, m in zip(post["dense"], post["multicrop"], strict=True)]
+    for protocol, per_scale in post.items():
+        for q, p in zip(scales, per_scale, strict=True):
+            assert results[f"{protocol}/Q{q}"] == topk_counts(p, labels)
+            assert results[f"{protocol}/Q{q}"]["n"] == n
+        assert results[f"{protocol}/Q32-40-48"] == topk_counts(sum(per_scale) / 3, labels)
+
+    assert any(0 < c["top1"] < n for c in results.values())  # the counts are not trivially 0 or n
+    one = evaluate_batch(model, images[:2], labels[:2], protocols=("dense",), scales=(40,), crop=CROP)
+    assert set(one) == {"dense/Q40"}  # a single scale has no multi-scale key
+    total = add_counts(one, evaluate_batch(model, images[2:], labels[2:], protocols=("dense",), scales=(40,)))
+    assert total == {"dense/Q40": results["dense/Q40"]}  # batch sums are exact
+    with pytest.raises(ValueError, match="single, dense, multicrop, combined"):
+        evaluate_batch(model, images, labels, protocols=("tencrop",), scales=(40,), crop=CROP)
+
+
+def test_bad_images_are_refused(model):
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        single_posteriors(model, [torch.rand(1, 40, 40)], 32, CROP)
+    with pytest.raises(ValueError, match="Q >= crop"):
+        multicrop_posteriors(model, _images((40, 40)), 24, CROP)
