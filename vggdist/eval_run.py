@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -157,7 +156,13 @@ def results_rows(
     paper = list(paper_scales) if paper_scales else list(scales)
     to_paper = dict(zip(scales, paper, strict=True))
     rows = []
-    for key, c in sorted(counts.items()):
+    order = {p: i for i, p in enumerate(("single", "dense", "multicrop", "combined"))}
+
+    def sort_key(item):
+        protocol, qs = item[0].split("/")
+        return order.get(protocol, 9), qs.count("-") > 0, [int(q) for q in qs[1:].split("-")]
+
+    for key, c in sorted(counts.items(), key=sort_key):
         protocol, qs = key.split("/")
         qlist = [int(q) for q in qs[1:].split("-")]
         n = c["n"]
@@ -172,14 +177,3 @@ def results_rows(
             }
         )
     return rows
-
-
-def val_dir_of(data_dir: str | Path, split: str = "val") -> Path:
-    """`--data DIR` for evaluation: DIR/<split> when it exists, else DIR itself when it holds a manifest."""
-    root = Path(data_dir).expanduser().resolve()
-    for cand in (root / split, root):
-        if (cand / "manifest.json").is_file():
-            return cand
-    raise ValueError(
-        f"no {split} shards under {root}: run `vggdist-preprocess shard --split {split} --out {root / split}` first"
-    )

@@ -88,6 +88,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+def _worker_env() -> dict[str, str]:
+    """Environment for training workers: quiet Ray/MLflow defaults plus this process's VGGDIST_* variables."""
+    return {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("VGGDIST_")}}
+
+
 def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
@@ -177,10 +182,18 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
             epoch=epoch,
         )
 
+    expected_val = data.expected_eval_count(lc["val_dir"]) if lc.get("val_dir") else 0
+
     def val_batches():
-        return data.val_loader(
-            lc["val_dir"], cfg.data, batch_size=cfg.eval.batch_size, rank=rank, world_size=world
+        loader = data.center_crop_loader(
+            lc["val_dir"],
+            rank=rank,
+            world_size=world,
+            q=cfg.data.validation_scale,
+            crop=cfg.data.crop_size,
+            batch_size=cfg.eval.batch_size,
         )
+        return ((images, labels) for images, labels, _keys in loader)
 
     last: dict[str, float] = {}
 
@@ -188,6 +201,8 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
         last.clear()
         last.update(metrics)
         name = f"epoch_{lp.epoch:03d}"
+        if "val/samples" in metrics:
+            data.check_eval_count(int(metrics["val/samples"]), expected_val)  # every val image counted once
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt.save(
@@ -331,7 +346,7 @@ def train(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
     try:
@@ -435,11 +450,11 @@ def evaluate(
     Logs `eval/<protocol>/<scales>/top1_err|top5_err` and the `eval_results` table to the evaluated run (for an
     ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str}.
     """
-    from vggdist.eval_run import results_rows, val_dir_of
+    from vggdist.eval_run import results_rows
 
     ensure_ray(address)
     uri = tracking.tracking_uri()
-    val_dir = val_dir_of(data_dir, split)
+    val_dir = data.split_dir(data_dir, split)
     members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]
     cfg = ckpt.load_config(members[0][0])
     scales = list(scales or cfg.eval.test_scales)
