@@ -129,10 +129,8 @@ def to_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> Encoded:
     needs_resize = target != (width, height)
 
     if im.format == "JPEG" and im.mode == "RGB" and not needs_resize and orientation == 1:
-        pixels = _decode(
-            im
-        )  # validates the whole stream; these are the pixels of the stored (original) bytes
-        return Encoded(jpeg=data, pixels=pixels, reencoded=False)
+        _decode(im)  # validates the whole stream; its pixels are those of the stored (original) bytes
+        return Encoded(jpeg=data, pixels=np.asarray(im), reencoded=False)
 
     if needs_resize and im.format in ("JPEG", "MPO"):
         im.draft(None, target)  # DCT-domain downscale by 1/2, 1/4 or 1/8, never below `target`
@@ -180,7 +178,7 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _decode(im: Image.Image) -> np.ndarray | None:
+def _decode(im: Image.Image) -> None:
     """Decode every byte of the image data; a short stream is ``truncated``, anything else ``undecodable``."""
     try:
         im.load()
@@ -189,9 +187,6 @@ def _decode(im: Image.Image) -> np.ndarray | None:
         if isinstance(e, EOFError) or "truncat" in text.lower() or "premature" in text.lower():
             raise Rejected("truncated", f"image data ends early ({text})") from None
         raise Rejected("undecodable", f"decoding failed ({type(e).__name__}: {text})") from None
-    if im.mode == "RGB":
-        return np.asarray(im)
-    return None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

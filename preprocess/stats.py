@@ -4,9 +4,8 @@ The paper subtracts the mean RGB value computed on the training set (§2.1) and,
 augments with a random RGB colour shift along the principal components of the RGB pixel covariance (§3.1).
 Both come from here, computed over every pixel written to the shards.
 
-Per image the sums Σx and Σxxᵀ are integers; a float64 BLAS product of uint8 values is exact for them (each
-partial sum stays far below 2⁵³), and they are then carried as Python integers, so per-task accumulation and the
-merge across tasks are exact in any order. Only the final mean / covariance are rounded to float64.
+Per image the sums Σx and Σxxᵀ are computed in int64 (exact up to ~10¹⁴ pixels per image) and then carried as
+Python integers, so per-task accumulation and the merge across tasks are exact in any order. Only the final mean / covariance are rounded to float64.
 The covariance is the population covariance (divide by the number of pixels).
 """
 
@@ -35,18 +34,20 @@ class RGBMoments:
         """Add one (H, W, 3) uint8 image."""
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.shape} {pixels.dtype}")
-        x = pixels.reshape(-1, 3).astype(np.float64)  # (N, 3); integers ≤ 255, exact in float64
-        n = x.shape[0]
-        if n * 255 * 255 >= 2**53:
-            raise ValueError(f"image of {n} pixels is too large to sum exactly in one pass")
-        s = x.sum(axis=0)  # (3,)
-        g = x.T @ x  # (3, 3) every partial sum is an integer < 2^53, so this is exact
+        n = pixels.shape[0] * pixels.shape[1]
+        # Channel planes as int64 rows (3, N): contiguous rows make the sums and dot products fast (a strided
+        # (N, 3) reduction is several times slower), and integer arithmetic makes them exact.
+        planes = np.empty((3, n), dtype=np.int64)
+        planes[...] = pixels.reshape(n, 3).T
         self.images += 1
         self.pixels += n
         for i in range(3):
-            self.sum_rgb[i] += int(s[i])
-            for j in range(3):
-                self.sum_outer[i][j] += int(g[i, j])
+            self.sum_rgb[i] += int(planes[i].sum())
+            for j in range(i, 3):
+                v = int(np.dot(planes[i], planes[j]))
+                self.sum_outer[i][j] += v
+                if j != i:
+                    self.sum_outer[j][i] += v
 
     def merge(self, other: RGBMoments) -> RGBMoments:
         """Add ``other`` into self (exact, order-independent) and return self."""
