@@ -39,14 +39,27 @@ def _row(protocol: str, paper_scales: list[int], top1: float, top5: float, n: in
 
 
 def _child(
-    client, exp_id, parent_id, config, train_scale, stage, *, rows=None, metrics=None, params=None, t=0
+    client,
+    exp_id,
+    parent_id,
+    config,
+    train_scale,
+    stage,
+    *,
+    rows=None,
+    metrics=None,
+    params=None,
+    t=0,
+    link="nested",
 ):
     run = client.create_run(
         exp_id,
         start_time=t,
         run_name=stage,
         tags={
-            "mlflow.parentRunId": parent_id,
+            # `vggdist sweep` sets both; either one marks a child of the sweep.
+            **({"mlflow.parentRunId": parent_id} if link in ("nested", "both") else {}),
+            **({"vggdist.sweep": parent_id} if link in ("sweep", "both") else {}),
             "vggdist.config": config,
             "vggdist.stage": stage,
             "vggdist.train_scale": train_scale,
@@ -92,6 +105,7 @@ def build_sweep(client: mlflow.MlflowClient, exp_id: str, *, plan: str = "mini",
     for config, base in (("D", 30.0), ("E", 31.0)):
         ids[config] = _child(
             client, exp_id, pid, config, "256-512", f"4-{config}-S256-512", t=t0 + 5,
+            link="sweep" if config == "E" else "both",
             rows=[
                 _row("dense", [384], base + 1.5, 8.25),
                 _row("dense", MULTI, base, 8.0),

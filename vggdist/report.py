@@ -82,11 +82,15 @@ def make_report(
     sweep = _find_sweep(experiment, sweep_run_id, uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment_name = client.get_experiment(sweep["experiment_id"]).name
-    children = tracking.find_runs(
-        experiment_name,
-        filter_string=f"tags.`{tracking.TAG_PARENT_RUN_ID}` = '{sweep['run_id']}'",
-        uri=uri,
-    )
+    # Children carry mlflow.parentRunId (nesting in the UI) and vggdist.sweep = <parent id>: accept either.
+    children_by_id = {
+        run["run_id"]: run
+        for tag in (tracking.TAG_PARENT_RUN_ID, TAG_SWEEP)
+        for run in tracking.find_runs(
+            experiment_name, filter_string=f"tags.`{tag}` = '{sweep['run_id']}'", uri=uri
+        )
+    }
+    children = sorted(children_by_id.values(), key=lambda r: r["start_time"] or 0)
     with tempfile.TemporaryDirectory(prefix="vggdist-report-") as tmp:
         runs = [_run_results(client, run, Path(tmp), uri) for run in children]
         fusion = _load_rows(client, sweep["run_id"], FUSION_ARTIFACT, Path(tmp) / "fusion", uri) or []
