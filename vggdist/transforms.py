@@ -191,7 +191,10 @@ def collate_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     Channels-last is how the pixels come out of the decoder and what the convolutions prefer on a GPU; the
     device copy (``.to(device)``) and DeviceAugment keep that layout.
     """
-    return torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+    arrays = [im.permute(1, 2, 0).numpy() for im in images]  # (H, W, 3) views
+    hwc = np.empty((len(arrays), *arrays[0].shape), dtype=np.uint8)  # C-order whatever the inputs' strides
+    np.stack(arrays, out=hwc)  # ~3x faster than torch.stack here
+    return torch.from_numpy(hwc).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------

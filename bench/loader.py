@@ -1,0 +1,370 @@
+"""Issue 6 §1: images/s per CPU core of the §3.1 training input pipeline — naive torchvision vs vggdist vs decode.
+
+On generated ImageNet-like JPEGs (500×375, 375×500 and larger photos stored with smallest side 512, as
+`vggdist-preprocess` writes them; smooth gradients + coarse and fine noise, q90), one process, one thread:
+
+  (a) naive torchvision: PIL open → convert RGB → Resize(S), S ~ U{256..512} per image → RandomCrop(224) →
+      RandomHorizontalFlip → ToTensor → Normalize, plus AlexNet's PCA lighting on the float tensor (so both
+      sides do the same augmentation), stacked into a float batch;
+  (b) vggdist: `train_crop_jpeg` (DCT draft decode, crop-before-resize, flip) → uint8 channels_last batch
+      ("CPU part only", what the loader workers do), and the same plus `DeviceAugment` run on the CPU
+      ("incl. normalisation on CPU", an upper bound: on a GPU that part costs the CPU nothing);
+  (c) the ceiling: PIL full decode, and torchvision.io.decode_jpeg, of the same bytes.
+
+What each measure gave (this 2-core machine, shared and noisy: ratios of one run, `python bench/loader.py`):
+- Decoding is ~80% of naive's time and JPEG entropy decoding cannot be skipped, so no pipeline that decodes
+  every JPEG can beat (a) by more than (c)/(a) ≈ 1.3–1.6× here: the issue's "≥ 3× naive" target is out of
+  reach on this image mix with pillow-simd on both sides, while "≥ 70% of decode" is met (~85–95%).
+  With stock Pillow the naive Resize(S) alone costs several times more (ENVIRONMENT.md: 8.5 vs 1.3 ms for
+  2048×1536→256), which is where a 3× figure against an unoptimised baseline comes from.
+- crop-before-resize: resamples 224² output pixels instead of the whole S-rescaled image (up to 683×512 at
+  S = 512); see the "rescale-then-crop" row.
+- JPEG draft mode: only helps when the stored image is ≥ 2× S-space, i.e. S ≤ 256 on 512-side images
+  (1/2 scale; ImageNet stored at ≤ 512 rarely qualifies under jitter [256, 512]); see the "S=256 draft" row.
+  It pays most in preprocessing and on unresized originals.
+- uint8 until the device: ToTensor + Normalize + lighting on the CPU cost as much as the crop itself; the
+  "incl. normalisation on CPU" row shows what the device side saves, and the host→device copy is 4× smaller.
+- torchvision.io.decode_jpeg: decodes ~10–20% faster than PIL (no internal RGBX copy) but has no DCT
+  scaling, and handing its tensor to Pillow's box resampling costs the gain back; we keep PIL.
+- DataLoader workers / prefetch / pinning: the "full train_loader" row measures tar reading, the shuffle
+  buffer and batching on top of the bare transform (one process); workers scale this per core.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import torchvision.io as tvio
+import torchvision.transforms as tvt
+import torchvision.transforms.functional as tvf
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Row, parser, report  # noqa: E402
+from vggdist import data as D  # noqa: E402
+from vggdist import transforms as T  # noqa: E402
+from vggdist.config import DataConfig  # noqa: E402
+
+# ImageNet-like statistics (0–255) for the colour shift and normalisation on both sides.
+MEAN = [123.7, 116.3, 103.5]
+STD = [58.4, 57.1, 57.4]
+EIGVAL = [0.2175 * 255**2, 0.0188 * 255**2, 0.0045 * 255**2]
+EIGVEC = [[-0.5675, -0.5808, -0.5836], [0.7192, -0.0045, -0.6948], [0.4009, -0.8140, 0.4203]]
+JITTER = (256, 512)
+CROP = 224
+# stored sizes (width, height) and their share: ImageNet's common 500×375 / 375×500 and larger photos
+# downscaled by the preprocessing stage to smallest side 512
+MIX = [((500, 375), 0.4), ((375, 500), 0.2), ((683, 512), 0.25), ((512, 768), 0.15)]
+
+
+def photo_jpeg(w: int, h: int, rng: np.random.Generator) -> bytes:
+    """A photo-like q90 JPEG: smooth colour gradients, blotchy mid-frequency texture, fine sensor-like noise."""
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    f = rng.uniform(2, 9, 6)
+    base = np.stack(
+        [
+            128 + 90 * np.sin(f[0] * x + f[1] * y),
+            128 + 80 * np.cos(f[2] * x - f[3] * y),
+            128 + 70 * np.sin(f[4] * x * y + f[5] * y),
+        ],
+        axis=-1,
+    )
+    coarse = np.kron(rng.normal(0, 25, (h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w]
+    img = np.clip(base + coarse + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_images(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    sizes = [s for s, _ in MIX]
+    picks = rng.choice(len(MIX), size=n, p=[p for _, p in MIX])
+    return [photo_jpeg(*sizes[i], rng) for i in picks]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (a) naive torchvision
+
+
+class Lighting:
+    """AlexNet's PCA lighting on a float (3, H, W) tensor in [0, 1] — the usual per-image torchvision recipe."""
+
+    def __init__(self, std: float = 0.1) -> None:
+        self.std = std
+        self.eigval = torch.tensor(EIGVAL) / 255**2
+        self.eigvec = torch.tensor(EIGVEC)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.std
+        return img + ((alpha * self.eigval) @ self.eigvec).view(3, 1, 1)
+
+
+def naive_pipeline():
+    after_resize = tvt.Compose(
+        [
+            tvt.RandomCrop(CROP),
+            tvt.RandomHorizontalFlip(),
+            tvt.ToTensor(),
+            Lighting(),
+            tvt.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD]),
+        ]
+    )
+    rng = np.random.default_rng(0)
+
+    def one(data: bytes) -> torch.Tensor:
+        im = Image.open(io.BytesIO(data)).convert("RGB")  # torchvision's default_loader
+        s = int(rng.integers(JITTER[0], JITTER[1] + 1))  # scale jittering: Resize(S) with S per image
+        return after_resize(tvf.resize(im, s))
+
+    return lambda batch: torch.stack([one(d) for d in batch])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (b) ours and its ablations
+
+
+def ours_cpu(scale=JITTER):
+    rng = np.random.default_rng(0)
+    return lambda batch: T.collate_images([T.train_crop_jpeg(d, scale, CROP, rng) for d in batch])
+
+
+def ours_with_norm():
+    aug = T.DeviceAugment(MEAN, [v * T.EIGVAL_TO_PIXELS for v in EIGVAL], EIGVEC, 0.1)
+    cpu = ours_cpu()
+    return lambda batch: aug(cpu(batch), train=True)
+
+
+def rescale_then_crop():
+    """Ours without crop-before-resize: full decode, whole image resized to S, then crop (uint8)."""
+    rng = np.random.default_rng(0)
+
+    def one(data):
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        s, left, top, flip = T.sample_crop(im.width, im.height, JITTER, CROP, rng)
+        im = im.resize(T.scaled_size(im.width, im.height, s), Image.Resampling.BILINEAR)
+        im = im.crop((left, top, left + CROP, top + CROP))
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+    return lambda batch: T.collate_images([one(d) for d in batch])
+
+
+def crop_without_draft(scale):
+    """Ours with crop-before-resize but a full-size decode (no DCT-domain downscale)."""
+    rng = np.random.default_rng(0)
+
+    def one(data):
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        s, left, top, flip = T.sample_crop(im.width, im.height, scale, CROP, rng)
+        sw, sh = T.scaled_size(im.width, im.height, s)
+        fx, fy = im.width / sw, im.height / sh
+        box = (left * fx, top * fy, (left + CROP) * fx, (top + CROP) * fy)
+        im = im.resize((CROP, CROP), Image.Resampling.BILINEAR, box=box)
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+    return lambda batch: T.collate_images([one(d) for d in batch])
+
+
+def tv_decode_then_crop():
+    """Ours with torchvision.io.decode_jpeg as the decoder (no draft), handed to Pillow's box resampling."""
+    rng = np.random.default_rng(0)
+
+    def one(data):
+        x = tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W)
+        h, w = x.shape[1:]
+        s, left, top, flip = T.sample_crop(w, h, JITTER, CROP, rng)
+        sw, sh = T.scaled_size(w, h, s)
+        fx, fy = w / sw, h / sh
+        im = Image.fromarray(x.permute(1, 2, 0).numpy())
+        im = im.resize(
+            (CROP, CROP),
+            Image.Resampling.BILINEAR,
+            box=(left * fx, top * fy, (left + CROP) * fx, (top + CROP) * fy),
+        )
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+    return lambda batch: T.collate_images([one(d) for d in batch])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (c) decode ceilings
+
+
+def pil_decode():
+    def run(batch):
+        for d in batch:
+            Image.open(io.BytesIO(d)).load()
+
+    return run
+
+
+def tv_decode():
+    def run(batch):
+        for d in batch:
+            tvio.decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8))
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def measure(methods: dict, images: list[bytes], rounds: int, batch: int = 32) -> dict[str, float]:
+    """Images per CPU-second of each method: best of `rounds` interleaved passes over `images`.
+
+    CPU time of this (single-threaded) process, not wall time: on a shared machine the time spent descheduled
+    is not the pipeline's cost, and per-core throughput is what the issue asks for.
+    """
+    best = dict.fromkeys(methods, 0.0)
+    chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
+    for fn in methods.values():  # warm-up
+        fn(chunks[0][:2])
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            t0 = time.process_time()
+            for c in chunks:
+                fn(c)
+            best[name] = max(best[name], len(images) / (time.process_time() - t0))
+    return best
+
+
+def loader_rate(images: list[bytes], rounds: int, batch: int = 32) -> float:
+    """End-to-end `train_loader` (tar read, shuffle buffer, batching) in this process, images/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "train"
+        d.mkdir()
+        half = len(images) // 2
+        shards = []
+        for s, part in enumerate([images[:half], images[half:]]):
+            name = f"train-{s:06d}.tar"
+            with wds.TarWriter(str(d / name)) as sink:
+                for i, data in enumerate(part):
+                    sink.write({"__key__": f"k{s}_{i:06d}", "jpg": data, "cls": b"0"})
+            shards.append({"name": name, "samples": len(part), "bytes": 0, "sha256": ""})
+        (d / "manifest.json").write_text(
+            f'{{"split": "train", "num_samples": {len(images)}, "shards": {str(shards).replace(chr(39), chr(34))}}}'
+        )
+        # a small buffer and three passes' worth of steps: the buffer's initial fill (read, not yet used)
+        # is a start-up cost that a real epoch amortises over thousands of steps
+        cfg = DataConfig(scale_jitter=JITTER, shuffle_buffer=batch, loader_workers=0)
+        steps = 3 * len(images) // batch
+        best = 0.0
+        for r in range(rounds):
+            loader = D.train_loader(
+                d, cfg, batch_size=batch, steps=steps, rank=0, world_size=1, seed=0, epoch=r, num_workers=0
+            )
+            t0 = time.process_time()
+            for _ in loader:
+                pass
+            best = max(best, steps * batch / (time.process_time() - t0))
+        return best
+
+
+def gpu_rows(images: list[bytes]) -> list[Row]:
+    """Only with a GPU: DeviceAugment on a 256-image batch, and nvJPEG decode vs CPU decode."""
+    dev = torch.device("cuda")
+    aug = T.DeviceAugment(MEAN, [v * T.EIGVAL_TO_PIXELS for v in EIGVAL], EIGVEC, 0.1).to(dev)
+    x = torch.randint(0, 256, (256, 3, CROP, CROP), dtype=torch.uint8, device=dev)
+    aug(x, train=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        aug(x, train=True)
+    torch.cuda.synchronize()
+    aug_rate = 20 * 256 / (time.perf_counter() - t0)
+    datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images]
+    tvio.decode_jpeg(datas[:4], device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tvio.decode_jpeg(datas, device="cuda")
+    torch.cuda.synchronize()
+    gpu_dec = len(datas) / (time.perf_counter() - t0)
+    cpu_dec = measure({"tv": tv_decode()}, images, 1)["tv"]
+    return [
+        Row("GPU: DeviceAugment (colour shift + mean), batch 256", "img/s", float("nan"), aug_rate),
+        Row("GPU: nvJPEG decode_jpeg(device=cuda) vs 1 CPU core", "img/s", cpu_dec, gpu_dec),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    torch.set_num_threads(1)
+    n, rounds = (64, 4) if args.quick else (256, 10)
+    t0 = time.perf_counter()
+    images = make_images(n)
+    large = [d for d in images if min(Image.open(io.BytesIO(d)).size) == 512]
+    gen_s = time.perf_counter() - t0
+
+    r = measure(
+        {
+            "naive": naive_pipeline(),
+            "ours": ours_cpu(),
+            "ours+norm": ours_with_norm(),
+            "rescale_then_crop": rescale_then_crop(),
+            "no_draft": crop_without_draft(JITTER),
+            "tv_route": tv_decode_then_crop(),
+            "pil_decode": pil_decode(),
+            "tv_decode": tv_decode(),
+        },
+        images,
+        rounds,
+    )
+    s256 = measure({"draft": ours_cpu(256), "no_draft": crop_without_draft(256)}, large, rounds)
+    loader = loader_rate(images, max(2, rounds // 2))
+
+    rows = [
+        Row("(b) ours CPU part vs (a) naive torchvision", "img/s", r["naive"], r["ours"]),
+        Row("(b) ours incl. normalisation on CPU vs (a) naive", "img/s", r["naive"], r["ours+norm"]),
+        Row("(b) ours CPU part vs (c) PIL full decode", "img/s", r["pil_decode"], r["ours"]),
+        Row("(b) ours CPU part vs (c) torchvision.io.decode_jpeg", "img/s", r["tv_decode"], r["ours"]),
+        Row("(c) PIL decode vs (a) naive: the ceiling over naive", "img/s", r["naive"], r["pil_decode"]),
+        Row("crop-before-resize vs rescale-then-crop (uint8)", "img/s", r["rescale_then_crop"], r["ours"]),
+        Row("draft decode vs full decode, jitter [256,512]", "img/s", r["no_draft"], r["ours"]),
+        Row("draft decode vs full decode, S=256, 512-side photos", "img/s", s256["no_draft"], s256["draft"]),
+        Row("PIL decoder vs torchvision.io.decode_jpeg in ours", "img/s", r["tv_route"], r["ours"]),
+        Row("full train_loader (tar, shuffle, batch) vs bare ours", "img/s", r["ours"], loader),
+    ]
+    for target in (2000, 4000):
+        rows.append(
+            Row(
+                f"CPU cores to feed {target:,} img/s (naive vs ours)",
+                "cores",
+                target / r["naive"],
+                target / r["ours"],
+                higher_is_better=False,
+            )
+        )
+    if torch.cuda.is_available():
+        rows += gpu_rows(images)
+    simd = ".post" in PIL.__version__
+    notes = [
+        f"{n} JPEGs ({len(large)} with smallest side 512), q90, generated in {gen_s:.1f}s; one process, "
+        f"torch threads 1; CPU time, best of {rounds} interleaved passes, batches of 32",
+        f"Pillow {PIL.__version__} ({'pillow-simd' if simd else 'stock Pillow'}) for both sides; "
+        f"(a) includes PCA lighting so both sides augment the same",
+        f"targets (issue 6): ours >= 3x naive -> {r['ours'] / r['naive']:.2f}x; "
+        f">= 70% of PIL decode -> {100 * r['ours'] / r['pil_decode']:.0f}%",
+        f"cores to feed an H100 at 2,000 / 4,000 img/s with ours: {math.ceil(2000 / r['ours'])} / "
+        f"{math.ceil(4000 / r['ours'])} (naive: {math.ceil(2000 / r['naive'])} / {math.ceil(4000 / r['naive'])})",
+    ]
+    report("Training input pipeline, images/s per CPU core (issue 6 §1)", rows, args.json, notes)
+
+
+if __name__ == "__main__":
+    main()
