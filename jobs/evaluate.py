@@ -1,0 +1,14 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/evaluate.py ...`: the same flags as `vggdist evaluate`.
+
+Inside a Ray job RAY_ADDRESS points at the cluster, so `vggdist evaluate` connects to it instead of starting a local Ray.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when vggdist is not installed
+
+from vggdist.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
