@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -231,14 +232,30 @@ class _TrainStream(IterableDataset):
             samples = wds.shuffle(bufsize, initial=bufsize, rng=shuffle_rng)(samples)
         scale = self.cfg.scale_jitter or self.cfg.train_scale
         crop = self.cfg.crop_size
+        record = _key_recorder(self.epoch, self.rank, worker)
         for _ in range(my_steps):
             images, labels = [], []
             for sample in samples:
                 images.append(_decode(sample, lambda b: T.train_crop_jpeg(b, scale, crop, crop_rng)))
                 labels.append(int(sample["cls"]))
+                if record is not None:
+                    record.write(sample["__key__"] + "\n")
                 if len(images) == self.batch_size:
                     break
             yield T.collate_images(images), torch.tensor(labels, dtype=torch.int64)
+        if record is not None:
+            record.close()
+
+
+RECORD_KEYS_ENV = "VGGDIST_TEST_RECORD_KEYS"
+
+
+def _key_recorder(epoch: int, rank: int, worker: int):
+    """Test hook: with VGGDIST_TEST_RECORD_KEYS=DIR each (epoch, rank, worker) writes the keys it trains on to DIR."""
+    d = os.environ.get(RECORD_KEYS_ENV)
+    if not d:
+        return None
+    return open(Path(d) / f"keys-e{epoch}-r{rank}-w{worker}.txt", "a")  # noqa: SIM115 - closed after the loop
 
 
 def _decode(sample: dict, fn):

@@ -85,7 +85,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # the dashboard process serves the state API Ray Train's placement-group cleaner polls; without it every
+        # run prints pages of "Failed to query" warnings
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def _worker_env() -> dict[str, str]:
@@ -166,6 +168,12 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     )
     if mapping and resumed is None:
         tracker.set_tags({tracking.TAG_INIT_MAPPING: json.dumps(mapping)})
+    placement = {"rank": rank, "node_rank": ctx.get_node_rank(), "local_rank": ctx.get_local_rank(), "ip": ray.util.get_node_ip_address()}
+    everyone = [placement]
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, placement)
+    tracker.set_tags({"vggdist.workers": json.dumps(everyone)})  # where each rank ran (node rank, address)
 
     def train_batches(epoch: int):
         torch.manual_seed(

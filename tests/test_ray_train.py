@@ -1,0 +1,131 @@
+"""Ray Train end to end on a real local Ray cluster: A then B-from-A on 2 CPU workers, evaluation, fault tolerance.
+
+Test-only fault injection: VGGDIST_TEST_FAIL_AT_EPOCH=k, VGGDIST_TEST_FAIL_RANK=r and VGGDIST_TEST_FAIL_MARKER=path
+make rank r exit hard (os._exit) right after reporting epoch k, once; FailureConfig must restart the worker group
+from that checkpoint and the run must finish all epochs, logging into the same MLflow run.
+"""
+
+import json
+import os
+
+import pytest
+
+from tests.tiny_data import make_shards
+from vggdist import tracking
+from vggdist.config import preset
+from vggdist.ray_train import evaluate, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    tmp = tmp_path_factory.mktemp("raytrain")
+    data = make_shards(tmp)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("r")), log_to_driver=False
+    )
+    yield {"tmp": tmp, "data": data, "uri": os.environ["MLFLOW_TRACKING_URI"]}
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _cfg(env, model, name, **sets):
+    base = {
+        "optim.global_batch_size": 32,
+        "optim.lr": 0.01,
+        "schedule.epochs": 3,
+        "run.workers": 2,
+        "run.storage_path": str(env["tmp"] / "ray_results"),
+        "run.run_name": name,
+        "run.init": "glorot",
+        "run.max_failures": 2,
+        "data.loader_workers": 1,
+        "run.log_every_steps": 2,
+    }
+    base.update(sets)
+    return preset("mini", model=model).override([f"{k}={v}" for k, v in base.items()])
+
+
+def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env, monkeypatch):
+    marker = env["tmp"] / "crashed"
+    monkeypatch.setenv("VGGDIST_TEST_FAIL_AT_EPOCH", "1")
+    monkeypatch.setenv("VGGDIST_TEST_FAIL_RANK", "1")
+    monkeypatch.setenv("VGGDIST_TEST_FAIL_MARKER", str(marker))
+    a = train(_cfg(env, "A", "tiny-A"), str(env["data"]), stage="1-A")
+    assert marker.exists(), "the injected crash did not happen"
+    run = tracking.get_run(a.run_id, uri=env["uri"])
+    assert run["status"] == "FINISHED"
+    # the crashed worker group restarted from epoch 1's checkpoint and logged epochs 2 and 3 into the same run
+    steps = [s for s, _ in tracking.metric_history(a.run_id, "val/top1_err", uri=env["uri"])]
+    assert steps == [1, 2, 3]
+    assert (
+        tracking.find_runs("vggdist", filter_string="tags.`vggdist.ray_run_name` = 'tiny-A'", uri=env["uri"])[
+            0
+        ]["run_id"]
+        == a.run_id
+    )
+    assert len(tracking.find_runs("vggdist", uri=env["uri"])) == 1
+    assert run["params"]["optim.lr"] == "0.01" and run["params"]["run.accum_steps"] == "1"
+    assert run["tags"]["vggdist.config"] == "A" and run["tags"]["vggdist.stage"] == "1-A"
+    assert run["tags"][tracking.TAG_CHECKPOINT].endswith("epoch_003")
+    workers = json.loads(run["tags"]["vggdist.workers"])
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert a.metrics["val/samples"] == 40  # every validation image counted once over both ranks
+    monkeypatch.delenv("VGGDIST_TEST_FAIL_AT_EPOCH")
+
+    b = train(
+        _cfg(
+            env,
+            "B",
+            "tiny-B",
+            **{"run.init": "from-shallower", "run.init_from": a.run_id, "schedule.epochs": 2},
+        ),
+        str(env["data"]),
+    )
+    brun = tracking.get_run(b.run_id, uri=env["uri"])
+    assert brun["tags"][tracking.TAG_INIT_FROM] == a.run_id
+    mapping = json.loads(brun["tags"][tracking.TAG_INIT_MAPPING])
+    assert len(mapping) == 7 and list(mapping.values())[-1] == "classifier.6"
+
+    out = evaluate(
+        b.run_id, str(env["data"]), protocols=("dense", "multicrop", "combined"), scales=[37, 55], workers=2
+    )
+    keys = {(r["protocol"], tuple(r["scales"])) for r in out["rows"]}
+    assert ("combined", (37, 55)) in keys and ("dense", (37,)) in keys
+    assert all(r["n"] == 40 for r in out["rows"])
+    metrics = tracking.get_run(b.run_id, uri=env["uri"])["metrics"]
+    assert "eval/combined/Q37-55/top1_err" in metrics and "eval/dense/Q55/top5_err" in metrics
+
+    fused = evaluate(
+        a.run_id,
+        str(env["data"]),
+        protocols=("dense",),
+        scales=[37],
+        ensemble=[b.run_id],
+        workers=1,
+        log_to_run=False,
+    )
+    assert fused["rows"][0]["models"] == [a.run_id, b.run_id]
+
+
+def test_training_learns_on_real_jpegs(env):
+    r = train(_cfg(env, "A", "tiny-A-learn", **{"schedule.epochs": 4, "run.workers": 1}), str(env["data"]))
+    assert r.metrics["val/top1_err"] < 50.0, r.metrics  # 4 classes: chance is 75 %
+
+
+def test_uneven_global_batch_is_refused_before_starting(env):
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 workers"):
+        train(_cfg(env, "A", "bad", **{"run.workers": 3}), str(env["data"]))
+
+
+def test_missing_data_names_the_preprocessing_command(env, tmp_path):
+    with pytest.raises(ValueError, match="vggdist-preprocess shard --split train"):
+        train(_cfg(env, "A", "nodata"), str(tmp_path))
