@@ -59,6 +59,11 @@ import torchvision.transforms.functional as tvf
 import webdataset as wds
 from PIL import Image
 
+try:
+    import simplejpeg
+except ImportError:  # the PIL decoder then serves both (b) rows
+    simplejpeg = None
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Row, parser, report  # noqa: E402
@@ -145,9 +150,10 @@ def naive_pipeline():
 # (b) ours and its ablations
 
 
-def ours_cpu(scale=JITTER):
+def ours_cpu(scale=JITTER, turbo=True):
+    """`train_crop_jpeg` as the loader runs it (simplejpeg decoder when installed; `turbo=False`: PIL's)."""
     rng = np.random.default_rng(0)
-    return lambda batch: T.collate_images([T.train_crop_jpeg(d, scale, CROP, rng) for d in batch])
+    return lambda batch: T.collate_images([T.train_crop_jpeg(d, scale, CROP, rng, turbo) for d in batch])
 
 
 def ours_with_norm():
@@ -221,6 +227,23 @@ def pil_decode():
     def run(batch):
         for d in batch:
             Image.open(io.BytesIO(d)).load()
+
+    return run
+
+
+def turbo_decode(scale: int = 1, fastdct: bool = False, fastupsample: bool = False):
+    """(c') simplejpeg (libjpeg-turbo 3) decode of the whole image at 1/scale, the decoder `ours` uses."""
+
+    def run(batch):
+        for d in batch:
+            h, w = simplejpeg.decode_jpeg_header(d)[:2]
+            simplejpeg.decode_jpeg(
+                d,
+                min_width=-(-w // scale),
+                min_height=-(-h // scale),
+                fastdct=fastdct,
+                fastupsample=fastupsample,
+            )
 
     return run
 
@@ -322,21 +345,21 @@ def main(argv: list[str] | None = None) -> None:
     large = [d for d in images if min(Image.open(io.BytesIO(d)).size) == 512]
     gen_s = time.perf_counter() - t0
 
-    r = measure(
-        {
-            "naive": naive_pipeline(),
-            "ours": ours_cpu(),
-            "ours+norm": ours_with_norm(),
-            "rescale_then_crop": rescale_then_crop(),
-            "no_draft": crop_without_draft(JITTER),
-            "tv_route": tv_decode_then_crop(),
-            "pil_decode": pil_decode(),
-            "tv_decode": tv_decode(),
-        },
-        images,
-        rounds,
-    )
-    s256 = measure({"draft": ours_cpu(256), "no_draft": crop_without_draft(256)}, large, rounds)
+    methods = {
+        "naive": naive_pipeline(),
+        "ours": ours_cpu(),
+        "ours_pil": ours_cpu(turbo=False),
+        "ours+norm": ours_with_norm(),
+        "rescale_then_crop": rescale_then_crop(),
+        "no_draft": crop_without_draft(JITTER),
+        "tv_route": tv_decode_then_crop(),
+        "pil_decode": pil_decode(),
+        "tv_decode": tv_decode(),
+    }
+    if simplejpeg is not None:
+        methods |= {"sj_decode": turbo_decode(), "sj_decode_8": turbo_decode(8)}
+    r = measure(methods, images, rounds)
+    s256 = measure({"draft": ours_cpu(256, turbo=False), "no_draft": crop_without_draft(256)}, large, rounds)
     loader = loader_rate(images, max(2, rounds // 2))
 
     rows = [
@@ -345,10 +368,29 @@ def main(argv: list[str] | None = None) -> None:
         Row("(b) ours CPU part vs (c) PIL full decode", "img/s", r["pil_decode"], r["ours"]),
         Row("(b) ours CPU part vs (c) torchvision.io.decode_jpeg", "img/s", r["tv_decode"], r["ours"]),
         Row("(c) PIL decode vs (a) naive: the ceiling over naive", "img/s", r["naive"], r["pil_decode"]),
-        Row("crop-before-resize vs rescale-then-crop (uint8)", "img/s", r["rescale_then_crop"], r["ours"]),
-        Row("draft decode vs full decode, jitter [256,512]", "img/s", r["no_draft"], r["ours"]),
+    ]
+    if simplejpeg is not None:
+        rows += [
+            Row("ours: simplejpeg decoder vs PIL decoder", "img/s", r["ours_pil"], r["ours"]),
+            Row("(b) ours CPU part vs (c') simplejpeg full decode", "img/s", r["sj_decode"], r["ours"]),
+            Row("(c') simplejpeg full decode vs (a) naive", "img/s", r["naive"], r["sj_decode"]),
+            Row(
+                "simplejpeg 1/8 decode (~entropy only) vs full decode",
+                "img/s",
+                r["sj_decode"],
+                r["sj_decode_8"],
+            ),
+        ]
+    rows += [
+        Row(
+            "crop-before-resize vs rescale-then-crop (uint8, PIL)",
+            "img/s",
+            r["rescale_then_crop"],
+            r["ours_pil"],
+        ),
+        Row("draft decode vs full decode, jitter [256,512], PIL", "img/s", r["no_draft"], r["ours_pil"]),
         Row("draft decode vs full decode, S=256, 512-side photos", "img/s", s256["no_draft"], s256["draft"]),
-        Row("PIL decoder vs torchvision.io.decode_jpeg in ours", "img/s", r["tv_route"], r["ours"]),
+        Row("PIL decoder vs torchvision.io.decode_jpeg in ours", "img/s", r["tv_route"], r["ours_pil"]),
         Row("full train_loader (tar, shuffle, batch) vs bare ours", "img/s", r["ours"], loader),
     ]
     for target in (2000, 4000):
@@ -367,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     notes = [
         f"{n} JPEGs ({len(large)} with smallest side 512), q90, generated in {gen_s:.1f}s; one process, "
         f"torch threads 1; CPU time, best of {rounds} interleaved passes, batches of 32",
-        f"Pillow {PIL.__version__} ({'pillow-simd' if simd else 'stock Pillow'}) for both sides; "
+        f"Pillow {PIL.__version__} ({'pillow-simd' if simd else 'stock Pillow'}) for both sides; ours decodes with "
+        f"{'simplejpeg ' + simplejpeg.__version__ if simplejpeg is not None else 'PIL (no simplejpeg)'}; "
         f"(a) includes PCA lighting so both sides augment the same",
         f"targets (issue 6): ours >= 3x naive -> {r['ours'] / r['naive']:.2f}x; "
         f">= 70% of PIL decode -> {100 * r['ours'] / r['pil_decode']:.0f}%",

@@ -89,7 +89,10 @@ def test_train_crop_is_sample_crop_then_rescaled_crop():
         s, left, top, flip = T.sample_crop(375, 500, (256, 512), 224, np.random.default_rng(seed))
         expected = T.rescaled_crop(data, s, left, top, 224, flip)
         got = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
-        assert torch.equal(got, expected)
+        # simplejpeg decodes the same pixels; resampling a window of them may round 1 grey level apart
+        assert np.abs(as_i16(got) - as_i16(expected)).max() <= 1
+        pil = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), turbo=False)
+        assert torch.equal(pil, expected)
 
 
 def test_jittered_scale_covers_the_range_and_offsets_fit():
@@ -138,6 +141,105 @@ def test_center_crop_and_decode_rescaled():
     assert small.shape == (3, 256, 341)
     ref = Image.open(io.BytesIO(big)).convert("RGB").resize((341, 256), Image.Resampling.BILINEAR)
     assert np.abs(as_i16(small) - np.asarray(ref).transpose(2, 0, 1).astype(np.int16)).mean() < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# simplejpeg decode path of the training crop
+
+needs_simplejpeg = pytest.mark.skipif(T.simplejpeg is None, reason="simplejpeg not installed")
+
+
+@needs_simplejpeg
+@pytest.mark.parametrize(
+    "size, s",
+    [((400, 300), 256), ((300, 420), 384), ((500, 375), 512), ((683, 512), 256), ((2048, 1536), 256)],
+)
+def test_turbo_crop_matches_pil_route_and_rescale_then_crop(size, s):
+    data = smooth_jpeg(*size)
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        _, left, top, flip = T.sample_crop(*size, s, 224, rng)
+        ours = T.turbo_crop(data, s, left, top, 224, flip)
+        assert ours is not None and ours.shape == (3, 224, 224) and ours.dtype == torch.uint8
+        pil = T.rescaled_crop(data, s, left, top, 224, flip)
+        assert np.abs(as_i16(ours) - as_i16(pil)).max() <= 1  # same decoder output, window rounding only
+        ref = naive_crop(data, s, left, top, 224)
+        if flip:
+            ref = ref[:, :, ::-1]
+        diff = np.abs(as_i16(ours) - ref)
+        assert diff.mean() < 1.0 and diff.max() <= 6  # ≤ 1 without a DCT-scaled decode, as the PIL route
+
+
+@needs_simplejpeg
+def test_turbo_flip_mirrors_the_same_window():
+    data = smooth_jpeg(400, 300)
+    plain = T.turbo_crop(data, 300, 17, 40, 224)
+    assert torch.equal(T.turbo_crop(data, 300, 17, 40, 224, flip=True), plain.flip(-1))
+
+
+@needs_simplejpeg
+def test_turbo_decode_scale_is_pils_draft_choice_never_below_s_space(monkeypatch):
+    decoded = []
+    real = T.simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        decoded.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(T.simplejpeg, "decode_jpeg", spy)
+    rng = np.random.default_rng(0)
+    for w, h in [(2048, 1536), (1536, 2048), (683, 512), (500, 375), (1100, 520)]:
+        data = smooth_jpeg(w, h)
+        for s in (224, 256, 300, 384, 512):
+            _, left, top, _ = T.sample_crop(w, h, s, 224, rng)
+            T.turbo_crop(data, s, left, top, 224)
+            dh, dw = decoded[-1]
+            sw, sh = T.scaled_size(w, h, s)
+            # never below S-space, unless S-space is larger than the stored image (then: full size)
+            assert (dw >= sw and dh >= sh) or (dw, dh) == (w, h), (w, h, s, decoded[-1])
+            assert dw <= w and dh <= h
+            im, _ = T.decode_for_size(data, (sw, sh))
+            assert (dw, dh) == im.size  # the 1/2, 1/4, 1/8 that PIL's draft picks, no M/8 scales
+
+
+@needs_simplejpeg
+def test_turbo_train_crop_jitter_range_and_same_draws_as_pil():
+    data = smooth_jpeg(500, 375)
+    for seed in range(6):
+        a = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
+        b = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), turbo=False)
+        assert np.abs(as_i16(a) - as_i16(b)).max() <= 1
+    rng = np.random.default_rng(1)
+    mirrored = 0
+    reference = T.rescaled_crop(smooth_jpeg(256, 256), 256, 0, 0, 256)
+    for _ in range(200):
+        out = T.train_crop_jpeg(smooth_jpeg(256, 256), 256, 256, rng)
+        is_flip = np.abs(as_i16(out) - as_i16(reference.flip(-1))).max() <= 1
+        assert is_flip or np.abs(as_i16(out) - as_i16(reference)).max() <= 1
+        mirrored += is_flip
+    assert 0.38 < mirrored / 200 < 0.62
+
+
+def test_train_crop_falls_back_to_pil(monkeypatch):
+    data = smooth_jpeg(500, 375)
+    expected = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4), turbo=False)
+    monkeypatch.setattr(T, "simplejpeg", None)  # the package missing
+    assert T.turbo_crop(data, 256, 0, 0, 224) is None
+    assert torch.equal(T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4)), expected)
+
+
+@needs_simplejpeg
+def test_turbo_path_declines_cmyk_and_non_jpeg():
+    buf = io.BytesIO()
+    Image.new("CMYK", (300, 260), (10, 20, 30, 0)).save(buf, "JPEG")
+    assert T.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    assert T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0)).shape == (3, 224, 224)
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 260), (10, 20, 30)).save(buf, "PNG")
+    assert T.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    out = T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
+    assert out.shape == (3, 224, 224) and out[:, 0, 0].tolist() == [10, 20, 30]
 
 
 def test_non_rgb_jpeg_comes_out_rgb():
