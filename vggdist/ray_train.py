@@ -83,7 +83,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault(k, v)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=True)
+        # no runtime_env here: inside `ray job submit` the job's own runtime env (working dir, env vars) applies;
+        # training workers get WORKER_ENV through RunConfig(worker_runtime_env=...)
+        ray.init(address=address, log_to_driver=True)
     else:
         # the dashboard process serves the state API Ray Train's placement-group cleaner polls; without it every
         # run prints pages of "Failed to query" warnings
@@ -168,7 +170,12 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     )
     if mapping and resumed is None:
         tracker.set_tags({tracking.TAG_INIT_MAPPING: json.dumps(mapping)})
-    placement = {"rank": rank, "node_rank": ctx.get_node_rank(), "local_rank": ctx.get_local_rank(), "ip": ray.util.get_node_ip_address()}
+    placement = {
+        "rank": rank,
+        "node_rank": ctx.get_node_rank(),
+        "local_rank": ctx.get_local_rank(),
+        "ip": ray.util.get_node_ip_address(),
+    }
     everyone = [placement]
     if world > 1:
         everyone = [None] * world

@@ -1,0 +1,127 @@
+"""A real multi-process Ray cluster for tests: `ray start --head` (+ more nodes on other loopback addresses).
+
+Each cluster gets its own temp dir and ports, and `stop()` kills only the processes whose command line names that
+temp dir or its ports — never `ray stop`, which would end every Ray process of the user on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+RAY = str(Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv")) / "bin" / "ray")
+if not Path(RAY).exists():
+    RAY = shutil.which("ray") or "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    def __init__(self, num_cpus: int = 2, dashboard: bool = True):
+        self.temp_dir = tempfile.mkdtemp(
+            prefix="vgr", dir="/tmp"
+        )  # short: Ray's socket paths are length-limited
+        self.port = free_port()
+        self.dashboard_port = free_port() if dashboard else None
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        cmd = [
+            RAY,
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+        ]
+        if dashboard:
+            cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        else:
+            cmd += ["--include-dashboard=false"]
+        self._run(cmd)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def add_node(self, ip: str, num_cpus: int = 1) -> None:
+        """Another raylet on `ip` (any 127.x address): Ray Train sees it as a separate node (node rank 1, …)."""
+        self._run(
+            [
+                RAY,
+                "start",
+                f"--address={self.address}",
+                f"--node-ip-address={ip}",
+                f"--num-cpus={num_cpus}",
+                f"--temp-dir={self.temp_dir}",
+                "--disable-usage-stats",
+            ]
+        )
+
+    def _run(self, cmd: list[str]) -> None:
+        p = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+
+    def wait_for_nodes(self, n: int, timeout: float = 60) -> None:
+        import ray
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if sum(1 for node in ray.nodes() if node["Alive"]) >= n:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"only {sum(1 for node in ray.nodes() if node['Alive'])} of {n} Ray nodes came up")
+
+    def stop(self) -> None:
+        """Kill this cluster's processes only (matched by temp dir or GCS port), then remove its temp dir."""
+        marks = (self.temp_dir, f":{self.port}", f"={self.port}")
+        mine = [pid for pid, cmd in _processes() if pid != os.getpid() and any(m in cmd for m in marks)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in mine:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while time.time() < deadline and any(_alive(pid) for pid in mine):
+                time.sleep(0.2)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _processes():
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                yield int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
