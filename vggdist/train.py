@@ -346,14 +346,15 @@ def apply_init(
     """§3.1 initialisation chosen by `run.init`; returns the layer mapping applied (empty for a random init).
 
     - normal / glorot: random init (`vggdist.init.init_weights`).
-    - from-shallower: random init, then net A's conv1_1, conv2_1, conv3_1, conv3_2, fc6–fc8 copied in
+    - from-shallower: random init (`run.fill_init`), then net A's conv1_1, conv2_1, conv3_1, conv3_2, fc6–fc8 copied in
       (`vggdist.init.init_from_shallower`), the staged start of the deeper nets.
     - resume-weights: every weight from `init_state` (same configuration), e.g. S=384 fine-tuned from S=256.
     """
     from vggdist.init import init_from_shallower, init_weights
 
     init = cfg.run.init
-    init_weights(model, "glorot" if init == "glorot" else "normal", std=cfg.run.init_std)
+    scheme = {"normal": "normal", "glorot": "glorot"}.get(init, cfg.run.fill_init)
+    init_weights(model, scheme, std=cfg.run.init_std)
     if init in ("normal", "glorot"):
         return {}
     if init_state is None:

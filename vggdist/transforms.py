@@ -11,28 +11,29 @@ CPU side, one JPEG at a time, producing uint8 tensors (3, H, W) and nothing bigg
   When the stored image is at least 2× larger than S-space, the JPEG is decoded directly at 1/2, 1/4 or 1/8
   size in the DCT domain (`Image.draft`), never below the S-space size, so resampling only ever downsizes.
   With `simplejpeg` installed (a dependency; libjpeg-turbo 3 bundled) the training crop decodes with it
-  instead of PIL — same libjpeg-turbo accurate integer IDCT and fancy upsampling, same 1/2–1/8 choice, so
-  the pixels are those of the PIL route (tests: ≤ 1 grey level) — into a numpy array, and only the
-  crop's window of it (plus the filter's margin) becomes a PIL image for the box resampling. Without it
-  (or for a JPEG it cannot read: CMYK, corrupt headers) the PIL route runs. See "Decoder choices" below.
+  instead of PIL: same accurate integer IDCT and fancy upsampling, same 1/2–1/8 choice, decoded as RGBX
+  (Pillow's own RGB layout) into a reused buffer that Pillow resamples in place, so the output is the PIL
+  route's bit for bit (tests allow 1 grey level for other libjpeg-turbo builds). Without it, or for a JPEG
+  it cannot read (CMYK, not a JPEG), the PIL route runs. See "Decoder choices" below.
 - `center_crop_jpeg` (per-epoch single-scale validation at Q) and `decode_rescaled` (whole image, smallest side
   Q, for dense / multi-crop evaluation in vggdist.evaluate).
 
 Decoder choices for the training crop (bench/loader.py; jitter [256, 512], 224 crop, photo-like q90 JPEGs of
 500×375 … 683×512, one core, CPU time; naive torchvision ≈ 335–346 img/s on the same run):
 
-- simplejpeg exact (kept): ~1.06–1.08× the PIL route; its full decode is 1.08× PIL's `load()` and it
-  writes straight into numpy (no RGBX image to convert), the resampling then touches a 230² window only.
-- fastdct (IFAST IDCT): +3%, but −0.8 grey-level mean bias and 1.0 mean |Δ| against rescale-then-crop
-  (the exact route: 0.45 mean |Δ|, no bias); fastupsample (replicated chroma): +0–3%, 2.3 mean |Δ|, up
-  to 62 on colour edges. Both: +7%. Not statistically equivalent enough for a few per cent: not used.
+- simplejpeg, exact (kept): 1.07–1.08× the PIL route in A/B runs (its decode alone: 1.11–1.13× PIL's
+  `load()`; ~1.0–1.05× when it wrote into a fresh array and a 230² window was copied out for Pillow).
+- fastdct (IFAST IDCT): +3%, but a −0.8 grey-level mean bias and 1.0 mean |Δ| against rescale-then-crop
+  (the exact route: 0.45 mean |Δ|, no bias; on bench/loader.py's images); fastupsample (replicated
+  chroma): +0–3%, 2.3 mean |Δ|, up to 62 on colour edges; both: +7%. Not equivalent enough: not used.
 - libjpeg-turbo's fractional M/8 scales (7/8 … 3/8, i.e. decoding right at S-space): 0.85× — slower than
   a full decode (the non-power-of-2 inverse DCTs and upsamplers have no SIMD) and 2.1 mean |Δ|: not used.
-- The limit: entropy (Huffman) decoding of every coefficient cannot be skipped by any decode scale; a 1/8
-  decode, which is nearly only that, runs at ~1.2× a full decode. Skipping the rows below the crop
-  (TurboJPEG 3's tj3SetCroppingRegion / libjpeg's skip_scanlines) is not exposed by simplejpeg, and
-  PyTurboJPEG ≥ 2 needs TurboJPEG 3 while Debian 12's libturbojpeg0 is 2.1.5; even so it would save only
-  the rows under the window (~20% of the entropy work on average). Hence ~1.5–1.6× naive, not 3×.
+- The limit: entropy (Huffman) decoding of every coefficient cannot be skipped by any decode scale. A 1/8
+  decode, nearly nothing but that, runs at 1.47× a full decode — ~1,000 img/s ≈ 3.1× naive — so even a
+  pipeline that only entropy-decoded, with no IDCT, colour conversion or resampling, would just touch 3×.
+  Skipping the rows below the crop (TurboJPEG 3's tj3SetCroppingRegion / libjpeg's skip_scanlines) is not
+  exposed by simplejpeg, PyTurboJPEG ≥ 2 needs TurboJPEG 3 (Debian 12's libturbojpeg0 is 2.1.5), and it
+  would save only the rows under the window (~20% of the entropy work on average). Hence ~1.6× naive.
 
 Device side, batched (`DeviceAugment`): uint8 → float, the PCA colour shift (training only) and mean-RGB
 subtraction (optionally /std), with the statistics of `stats.json`. Doing this on the accelerator keeps the
@@ -53,6 +54,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,6 +71,7 @@ except ImportError:  # pragma: no cover - exercised where the package is absent
     simplejpeg = None
 
 logger = logging.getLogger(__name__)
+_TURBO_BUFFER = threading.local()  # the decoder's output, reused image to image (one per thread)
 
 __all__ = [
     "EIGVAL_TO_PIXELS",
@@ -199,20 +202,21 @@ def _turbo_crop(
     # the DCT scale PIL's draft would pick: 1/k, k the largest of 8, 4, 2 with k · S-space ≤ stored size
     k = next((k for k in (8, 4, 2) if w >= k * sw and h >= k * sh), 1)
     dw, dh = -(-w // k), -(-h // k)
+    buf = getattr(_TURBO_BUFFER, "array", None)
+    if buf is None or buf.size < dw * dh * 4:
+        buf = _TURBO_BUFFER.array = np.empty(dw * dh * 4, dtype=np.uint8)
     try:
-        arr = simplejpeg.decode_jpeg(data, "RGB", min_width=dw, min_height=dh)
+        arr = simplejpeg.decode_jpeg(data, "RGBX", min_width=dw, min_height=dh, buffer=buf[: dw * dh * 4])
     except ValueError:
         return None
-    if arr.shape != (dh, dw, 3):  # a scale other than 1/k: stay exact through PIL instead
+    if arr.shape != (dh, dw, 4):  # a scale other than 1/k: stay exact through PIL instead
         return None
+    # RGBX is Pillow's own layout for RGB: the image is a view of `buf` (no copy), resampled exactly as the
+    # PIL route does (same decoded pixels, same box), then packed to RGB
+    im = Image.frombuffer("RGBX", (dw, dh), arr, "raw", "RGBX", 0, 1)
     fx, fy = w / (k * sw), h / (k * sh)  # S-space → decoded coordinates (decoded = stored / k)
-    x0, y0, x1, y1 = left * fx, top * fy, (left + crop) * fx, (top + crop) * fy
-    # the window plus the bilinear filter's support (≤ the downscale factor) and a pixel of rounding
-    m = int(np.ceil(max(fx, fy))) + 2
-    ix0, iy0 = max(0, int(x0) - m), max(0, int(y0) - m)
-    ix1, iy1 = min(dw, int(np.ceil(x1)) + m), min(dh, int(np.ceil(y1)) + m)
-    im = Image.fromarray(arr[iy0:iy1, ix0:ix1])
-    out = im.resize((crop, crop), _BILINEAR, box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
+    box = (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
+    out = im.resize((crop, crop), _BILINEAR, box=box).convert("RGB")
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_chw(out)
