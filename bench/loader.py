@@ -8,7 +8,8 @@ On generated ImageNet-like JPEGs (500×375, 375×500 and larger photos stored wi
       sides do the same augmentation), stacked into a float batch;
   (b) vggdist: `train_crop_jpeg` (simplejpeg decoder when installed, else PIL; DCT draft decode,
       crop-before-resize, flip) → uint8 channels_last batch ("CPU part only", what the loader workers do),
-      and the same plus `DeviceAugment` run on the CPU ("incl. normalisation on CPU", an upper bound: on a GPU that part costs the CPU nothing);
+      and the same plus `DeviceAugment` run on the CPU ("incl. normalisation on CPU", an upper bound: on a
+      GPU that part costs the CPU nothing);
   (c) the ceiling: PIL full decode, and torchvision.io.decode_jpeg, of the same bytes; (c') the decoder (b)
       uses, simplejpeg, full size, and at 1/8 (nearly only the entropy decoding every decode must do).
 
