@@ -112,8 +112,8 @@ def run_demo(
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     src = find_fashion_mnist(fashion_mnist)
-    per_class = train_per_class or (150 if quick else 1500)
-    val_per_class = 30 if quick else 200
+    per_class = train_per_class or (100 if quick else 800)
+    val_per_class = 20 if quick else 50
 
     _say(f"[1/4] Fashion-MNIST {src} -> RGB JPEG image folders under {work / 'images'}")
     images = work / "images"
@@ -149,7 +149,7 @@ def run_demo(
     ensure_ray(num_cpus=2)
     sets = ["run.storage_path=" + str(work / "ray_results")]
     if quick:
-        sets += ["schedule.epochs=2"]
+        sets += ["schedule.epochs=1"]
     sweep_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_sweep(
         str(shards),

@@ -102,10 +102,13 @@ def _stages(
     jitter: tuple[str, ...],
     jitter_from_384: bool,
     lr_finetune: float,
+    epochs: tuple[int | None, int | None, int | None] = (None, None, None),
 ) -> tuple[Stage, ...]:
-    out = [Stage("1-A-S256", "A", (256,), init=first_init)]
+    """Stages 1-4 of the plan; `epochs` per step (A, from-A, fine-tunes), None for the preset's."""
+    e_a, e_deep, e_tune = epochs
+    out = [Stage("1-A-S256", "A", (256,), init=first_init, epochs=e_a)]
     out += [
-        Stage(f"2-{c}-S256", c, (256,), init="from-shallower", init_from="1-A-S256")
+        Stage(f"2-{c}-S256", c, (256,), init="from-shallower", init_from="1-A-S256", epochs=e_deep)
         for c in configs
         if c != "A"
     ]
@@ -117,6 +120,7 @@ def _stages(
             init="resume-weights",
             init_from=f"{'1' if c == 'A' else '2'}-{c}-S256",
             lr=lr_finetune,
+            epochs=e_tune,
         )
         for c in s384
     ]
@@ -131,6 +135,7 @@ def _stages(
                 init="resume-weights",
                 init_from=src,
                 lr=lr_finetune,
+                epochs=e_tune,
                 protocols=jitter_protocols,
             )
         )
@@ -164,7 +169,8 @@ def builtin_plan(name: str) -> Plan:
                 s384=(),
                 jitter=("D",),
                 jitter_from_384=False,
-                lr_finetune=0.005,
+                lr_finetune=1e-3,  # the paper's fine-tuning lr (initial lr / 10), as for S=384 from S=256
+                epochs=(3, 2, 2),  # A, then B/D from A, then the jittered fine-tune: the demo's time budget
             ),
             fusion=(("2-B-S256", "4-D-S256-512"),),
         )
