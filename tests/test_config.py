@@ -37,6 +37,13 @@ def test_override_types_and_unknown_keys():
     assert cfg.override(["optim.lr=1"]).optim.lr == 1.0  # int accepted for a float field
     assert cfg.override(["data.scale_jitter=256,512"]).data.scale_jitter == (256, 512)
     assert cfg.override(["run.bf16=true"]).run.use_bf16 is True
+    assert (
+        cfg.override(["run.grad_compression=none"]).run.grad_compression == "none"
+    )  # a str field keeps "none"
+    assert (
+        cfg.override(["run.init=resume-weights", "run.init_from=0123"]).run.init_from == "0123"
+    )  # run ids stay text
+    assert cfg.override(["run.run_name=none"]).run.run_name is None  # an optional field: none means unset
     with pytest.raises(ConfigError, match="optim.lrr"):
         cfg.override(["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match="must be a number"):

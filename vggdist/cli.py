@@ -48,25 +48,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
             sets.append(f"{key}={v}")
     if getattr(args, "gpu", False):
         sets.append("run.gpu=true")
-    # --set values arrive as strings: strings that YAML would read as numbers stay strings for str fields
-    return _apply_sets(cfg, sets)
-
-
-def _apply_sets(cfg: Config, sets: list[str]) -> Config:
-    try:
-        return cfg.override(sets)
-    except ConfigError as first:
-        # an init_from or run_name such as "0123abcd" / "123" is read by YAML as a number: quote it and retry once
-        quoted = [
-            f"{k}='{v}'"
-            if k in ("run.init_from", "run.run_name", "run.experiment", "run.storage_path")
-            else s
-            for s in sets
-            for k, _, v in [s.partition("=")]
-        ]
-        if quoted == sets:
-            raise first
-        return cfg.override(quoted)
+    return cfg.override(sets)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

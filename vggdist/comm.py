@@ -7,6 +7,10 @@ VGG-16 moves 553 MB of fp32 gradients per step, 411 MB of them fc6's. Options:
 - ``powersgd``: PowerSGD (Vogels et al., 2019) rank-r approximation of each matrix-shaped gradient with error
   feedback; plain all-reduce for the first ``start_iter`` steps, then roughly (rows + cols)·r numbers per matrix
   instead of rows·cols. Vectors (biases) stay uncompressed.
+
+On gloo (CPU training) torch's PowerSGD hook waits inside a future callback, which runs on one of gloo's two
+worker threads: with two or more DDP buckets the step deadlocks. `ddp_kwargs` therefore asks DDP for a single
+bucket in that case (NCCL is unaffected and keeps DDP's default 25 MB buckets, which overlap communication).
 """
 
 from __future__ import annotations
@@ -15,6 +19,14 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 GRAD_COMPRESSION = ("none", "bf16", "powersgd")
+
+
+def ddp_kwargs(kind: str, backend: str | None) -> dict:
+    """Extra DistributedDataParallel arguments the compression `kind` needs on `backend` (see module docstring)."""
+    kwargs: dict = {"gradient_as_bucket_view": True}
+    if kind == "powersgd" and backend == "gloo":
+        kwargs["bucket_cap_mb"] = 1 << 16  # one bucket: avoids the gloo callback-thread deadlock
+    return kwargs
 
 
 def register_comm_hook(

@@ -284,11 +284,18 @@ class Config:
                 hasattr(self, section) and dataclasses.is_dataclass(getattr(self, section)),
                 f"--set {a!r}: unknown section {section!r}; valid: {[f.name for f in fields(Config)]}",
             )
-            by_section.setdefault(section, {})[name] = _parse_value(raw.strip())
+            by_section.setdefault(section, {})[name] = _Raw(raw.strip())
         out = self
         for section, values in by_section.items():
             out = replace(out, **{section: _replace_checked(getattr(out, section), section, values)})
         return out
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A --set value as typed: parsed only once the field's type is known ('none' is a string for a str field)."""
+
+    text: str
 
 
 def _parse_value(raw: str) -> Any:
@@ -321,6 +328,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check `value` against the field's type hint; convert lists to tuples and ints to floats where the field says so."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, _Raw):
+        if hint is str:  # a plain string field takes the text as typed, "none" included
+            return value.text
+        optional_str = origin in (typing.Union, types.UnionType) and str in args
+        if optional_str and value.text.lower() not in ("none", "null", "~", ""):
+            return value.text  # e.g. a run id such as 0123 or 1e10 stays a string
+        value = _parse_value(value.text)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             _check(type(None) in args, f"{name} cannot be none")

@@ -79,13 +79,18 @@ def _idx(d: Path, name: str) -> np.ndarray:
     return read_idx(p if p.exists() else d / name)
 
 
-def write_image_folder(src: Path, out: Path, split: str, per_class: int, seed: int = 0) -> int:
-    """Write `per_class` images of each class as RGB JPEGs under out/<class>/<split>_<index>.jpg; returns the count."""
+def write_image_folder(
+    src: Path, out: Path, split: str, per_class: int, seed: int = 0, classes: tuple[int, ...] | None = None
+) -> int:
+    """Write `per_class` images of each class (all, or the label indices `classes`) as RGB JPEGs under
+    out/<class name>/<split>_<index>.jpg; returns the count."""
     prefix = "train" if split == "train" else "t10k"
     images, labels = _idx(src, f"{prefix}-images-idx3-ubyte"), _idx(src, f"{prefix}-labels-idx1-ubyte")
     rng = np.random.default_rng(seed)
     written = 0
     for c, name in enumerate(CLASSES):
+        if classes is not None and c not in classes:
+            continue
         (out / name).mkdir(parents=True, exist_ok=True)
         idx = np.flatnonzero(labels == c)
         for i in np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False)):

@@ -28,7 +28,7 @@ import torch
 
 from vggdist import checkpoint as ckpt
 from vggdist import data, tracking
-from vggdist.comm import register_comm_hook
+from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
 from vggdist.transforms import DeviceAugment, load_stats
@@ -132,7 +132,8 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     mapping = apply_init(model, cfg, init_state)
     if cfg.run.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg.run.grad_compression, backend))
     register_comm_hook(
         model,
         cfg.run.grad_compression,
