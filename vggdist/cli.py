@@ -104,6 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         address=args.address,
         log_to_run=not args.no_log,
+        gpu=args.gpu,
     )
     print(table["markdown"])
     return 0
@@ -121,6 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         address=args.address,
         sets=args.set or [],
         gpu=args.gpu,
+        max_concurrent=args.max_concurrent,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -214,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--workers", type=int, default=2, help="Ray evaluation tasks")
     e.add_argument("--no-log", action="store_true", help="do not log the results to the evaluated MLflow run")
+    e.add_argument("--gpu", action="store_true", help="one GPU per evaluation task")
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     e.set_defaults(func=cmd_evaluate)
 
@@ -229,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=None, help="sweep name; rerunning with the same name skips finished stages"
     )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field in every run")
+    s.add_argument("--max-concurrent", type=int, help="stages at once (default: what the cluster holds now)")
     s.add_argument("--address")
     s.set_defaults(func=cmd_sweep)
 
@@ -245,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fashion-mnist", help="directory with the Fashion-MNIST *-ubyte.gz files")
     d.add_argument("--quick", action="store_true", help="a shortened demo (tests)")
     d.add_argument(
-        "--train-per-class", type=int, default=None, help="training images per class (default 1500)"
+        "--train-per-class",
+        type=int,
+        default=None,
+        help="training images per class (default 800; 100 with --quick)",
     )
     d.set_defaults(func=cmd_demo)
     return p

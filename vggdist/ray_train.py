@@ -133,7 +133,9 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     if cfg.run.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs(cfg.run.grad_compression, backend))
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs=ddp_kwargs(cfg.run.grad_compression, backend)
+    )
     register_comm_hook(
         model,
         cfg.run.grad_compression,
@@ -319,6 +321,9 @@ def train(
             "run.steps_per_epoch": steps,
             "run.batch_size_per_worker": plan.batch_size_per_worker,
             "run.accum_steps": plan.accum_steps,
+            "data.manifest_sha256": tags[tracking.TAG_MANIFEST],
+            # DESIGN §5 lists the code version among the params; a resumed run keeps the one it started with
+            **({} if existing else {"code_version": tags[tracking.TAG_CODE_VERSION]}),
         }
     )
     log.info(
@@ -412,8 +417,9 @@ def _eval_slice(
     from vggdist.eval_run import evaluate_shard_slice
 
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
     return evaluate_shard_slice(
-        checkpoints, val_dir, rank=rank, world_size=world, protocols=protocols, scales=scales
+        checkpoints, val_dir, rank=rank, world_size=world, protocols=protocols, scales=scales, device=device
     )
 
 
@@ -505,6 +511,7 @@ def evaluate_fusion(
     scales: list[int],
     paper_scales: list[int] | None = None,
     workers: int = 2,
+    gpu: bool = False,
 ) -> list[dict[str, Any]]:
     """Table 6: the posteriors of several runs averaged over all `scales`; rows carry the member labels and run ids."""
     out = evaluate(
@@ -516,6 +523,7 @@ def evaluate_fusion(
         ensemble=run_ids[1:],
         workers=workers,
         log_to_run=False,
+        gpu=gpu,
     )
     rows = [r for r in out["rows"] if len(r["scales"]) == len(scales)]  # multi-scale rows only, as in Table 6
     for r in rows:

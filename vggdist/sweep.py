@@ -283,9 +283,11 @@ def _run_stage(
         paper_scales=paper_scales,
         workers=cfg.run.workers,
         log_to_run=True,
+        gpu=cfg.run.gpu,
     )
-    tracking.Tracker.start(run_id=result.run_id, uri=uri).set_tags({TAG_EVALUATED: "true"})
-    tracking.Tracker.start(run_id=result.run_id, uri=uri).end("FINISHED")
+    done = tracking.Tracker.start(run_id=result.run_id, uri=uri)
+    done.set_tags({TAG_EVALUATED: "true"})
+    done.end("FINISHED")
     return {"run_id": result.run_id, "checkpoint": result.checkpoint, "metrics": result.metrics}
 
 
@@ -317,8 +319,11 @@ def _parent_run(experiment: str, sweep_name: str, plan: Plan, uri: str) -> track
     return t
 
 
-def concurrency(workers_per_run: int, gpu: bool) -> int:
-    """How many stages fit on the cluster at once: its CPUs (or GPUs) over one run's workers."""
+def concurrency(workers_per_run: int, gpu: bool, max_concurrent: int | None = None) -> int:
+    """How many stages to run at once: `max_concurrent` when given (e.g. what an autoscaling cluster may grow to),
+    else what the cluster holds now, its CPUs (or GPUs) over one run's workers; re-read as stages finish."""
+    if max_concurrent:
+        return max(1, max_concurrent)
     res = ray.cluster_resources()
     have = res.get("GPU", 0) if gpu else res.get("CPU", 1)
     return max(1, math.floor(have / max(1, workers_per_run)))
@@ -334,6 +339,7 @@ def run_sweep(
     address: str | None = None,
     sets: list[str] | None = None,
     gpu: bool = False,
+    max_concurrent: int | None = None,
     progress=None,
 ) -> dict[str, Any]:
     """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results."""
@@ -365,11 +371,12 @@ def run_sweep(
         )
         for s in p.stages
     }
-    limit = concurrency(next(iter(configs.values())).run.workers, gpu)
+    workers_per_run = next(iter(configs.values())).run.workers
     pending = [s for s in p.stages if s.key not in results]
     running: dict[ray.ObjectRef, Stage] = {}
     while pending or running:
         ready = [s for s in pending if s.init_from is None or s.init_from in results]
+        limit = concurrency(workers_per_run, gpu, max_concurrent)
         for s in ready[: max(0, limit - len(running))]:
             pending.remove(s)
             init_ckpt = results[s.init_from]["checkpoint"] if s.init_from else None
@@ -412,6 +419,7 @@ def run_sweep(
             scales=list(configs[last.key].eval.test_scales),
             paper_scales=list(last.test_scales or table4_scales(last.train_scale)),
             workers=configs[group[0]].run.workers,
+            gpu=gpu,
         )
     if p.fusion:
         parent.log_dict({"rows": fusion_rows}, "fusion_results.json")

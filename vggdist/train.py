@@ -248,7 +248,7 @@ class TrainLoop:
                         {
                             "train/step_loss": float(summed[0] / summed[2]),
                             "train/step_img_per_s": float(summed[2] / dt),
-                            "lr": self.schedule.lr(self.step),
+                            "train/step_lr": self.schedule.lr(self.step),
                         },
                         self.step,
                     )
