@@ -58,7 +58,7 @@ MANIFEST = "manifest.json"
 _PREPROCESS = "vggdist-preprocess shard"
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """The shards or their metadata are missing or inconsistent; the message says what to run."""
 
 

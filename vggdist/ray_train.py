@@ -59,20 +59,15 @@ class TrainResult:
 
 
 def data_dirs(data_dir: str | os.PathLike) -> tuple[Path, Path | None]:
-    """`--data DIR` holds DIR/train and (optionally) DIR/val, each written by `vggdist-preprocess shard --out`."""
+    """`--data DIR` holds DIR/train and (optionally) DIR/val, each written by `vggdist-preprocess shard --out`
+    (or DIR is the train split itself); raises `data.DataError` (a ValueError) naming the command to run."""
     root = Path(data_dir).expanduser().resolve()
-    train_dir = root / "train"
-    if not (train_dir / "manifest.json").is_file():
-        if (root / "manifest.json").is_file():
-            raise ValueError(
-                f"{root} is a single split; pass its parent: --data expects DIR/train and DIR/val "
-                "(vggdist-preprocess shard --split train --out DIR/train, --split val --out DIR/val)"
-            )
-        raise ValueError(
-            f"no training shards under {train_dir}: run `vggdist-preprocess shard --split train --out {train_dir}` first"
-        )
-    val_dir = root / "val"
-    return train_dir, (val_dir if (val_dir / "manifest.json").is_file() else None)
+    train_dir = data.split_dir(root, "train").resolve()
+    try:
+        val_dir = data.split_dir(root, "val").resolve()
+    except data.DataError:
+        val_dir = None  # training without per-epoch validation
+    return train_dir, val_dir
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

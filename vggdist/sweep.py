@@ -38,6 +38,7 @@ TAG_SWEEP_NAME = "vggdist.sweep_name"
 TAG_PLAN = "vggdist.plan"
 TAG_TRAIN_SCALE = "vggdist.train_scale"  # paper-equivalent S label: "256", "384", "256-512"
 TAG_EVALUATED = "vggdist.evaluated"
+TAG_FUSION_DONE = "vggdist.fusion_done"
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,10 @@ def _finished_children(parent_run_id: str, experiment: str, uri: str) -> dict[st
     }
 
 
+def _fusion_done(parent_run_id: str, uri: str) -> bool:
+    return tracking.get_run(parent_run_id, uri=uri)["tags"].get(TAG_FUSION_DONE) == "true"
+
+
 def _parent_run(experiment: str, sweep_name: str, plan: Plan, uri: str) -> tracking.Tracker:
     existing = tracking.find_runs(
         experiment,
@@ -406,6 +411,16 @@ def run_sweep(
             progress(stage.key, results[stage.key])
 
     fusion_rows = []
+    if done and len(done) == len(p.stages) and parent.run_id and _fusion_done(parent.run_id, uri):
+        log.info("sweep %s: every stage and the fusion are done already", sweep_name)
+        parent.end("FINISHED")
+        return {
+            "sweep": sweep_name,
+            "parent_run_id": parent.run_id,
+            "experiment": experiment,
+            "stages": {k: v["run_id"] for k, v in results.items()},
+            "fusion": "done (see fusion_results.json)",
+        }
     stage_of = {s.key: s for s in p.stages}
     for group in p.fusion:
         last = stage_of[
@@ -423,6 +438,7 @@ def run_sweep(
         )
     if p.fusion:
         parent.log_dict({"rows": fusion_rows}, "fusion_results.json")
+    parent.set_tags({TAG_FUSION_DONE: "true"})
     parent.end("FINISHED")
     return {
         "sweep": sweep_name,

@@ -1,0 +1,87 @@
+"""`vggdist demo --quick` end to end (Fashion-MNIST → image folder → shards → mini sweep → report), then a rerun of
+the same sweep that must skip every finished stage (found through MLflow)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vggdist import tracking
+
+pytestmark = pytest.mark.slow
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _env(tmp):
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'work' / 'mlflow.db'}",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed (make demo installs it)",
+)
+def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
+    work = tmp_path / "work"
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "vggdist.cli", "demo", "--quick", "--workdir", str(work)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "## Table 3" in p.stdout and "mlflow ui --backend-store-uri sqlite:///" in p.stdout
+    assert {f.name for f in (work / "report").iterdir()} >= {
+        "report.md",
+        "tables.csv",
+        "tables.json",
+        "error_vs_depth.png",
+    }
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    runs = tracking.find_runs("vggdist-demo", uri=uri)
+    parent = next(r for r in runs if r["tags"].get("vggdist.sweep") == "parent")
+    children = [r for r in runs if r["tags"].get("vggdist.sweep") == parent["run_id"]]
+    assert sorted(r["tags"]["vggdist.stage"] for r in children) == [
+        "1-A-S256",
+        "2-B-S256",
+        "2-D-S256",
+        "4-D-S256-512",
+    ]
+    assert all(
+        r["status"] == "FINISHED"
+        and "eval/dense/Q37-55-73/top1_err" in r["metrics"]
+        or r["tags"]["vggdist.stage"] != "4-D-S256-512"
+        for r in children
+    )
+    by_stage = {r["tags"]["vggdist.stage"]: r for r in children}
+    assert (
+        by_stage["2-D-S256"]["tags"]["vggdist.init_from"] == by_stage["1-A-S256"]["run_id"]
+    )  # staged init lineage
+    assert by_stage["4-D-S256-512"]["tags"]["vggdist.init_from"] == by_stage["2-D-S256"]["run_id"]
+    assert "eval/combined/Q37-55-73/top1_err" in by_stage["4-D-S256-512"]["metrics"]
+    first = time.time() - t0
+
+    # the same sweep again: every stage is FINISHED and evaluated in MLflow, so nothing is retrained
+    name = parent["tags"]["vggdist.sweep_name"]
+    t1 = time.time()
+    again = subprocess.run(
+        [sys.executable, "-m", "vggdist.cli", "sweep", "--data", str(work / "shards"), "--plan", "mini", "--workers", "1",
+         "--experiment", "vggdist-demo", "--name", name, "--set", f"run.storage_path={work / 'ray_results'}", "--set", "schedule.epochs=1"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "skipping finished stages" in again.stderr + again.stdout
+    runs_after = tracking.find_runs("vggdist-demo", uri=uri)
+    assert len(runs_after) == len(runs)  # no new child run
+    assert "every stage and the fusion are done already" in again.stderr + again.stdout
+    assert time.time() - t1 < first
