@@ -106,7 +106,11 @@ def _worker(rank: int, world: int, port: int, data_dir: str, kind: str, out: str
     loop.fit(train_batches, val_batches, lambda m, lp: history.append(m))
     if rank == 0:
         Path(out).write_text(json.dumps(history))
+    dist.barrier()
     dist.destroy_process_group()
+    # gloo's worker threads can abort interpreter teardown ("terminate called without an active exception"),
+    # which a spawned worker reports as SIGABRT after its work is done: leave without the teardown
+    os._exit(0)
 
 
 def _free_port() -> int:
