@@ -410,17 +410,17 @@ def run_sweep(
         if progress is not None:
             progress(stage.key, results[stage.key])
 
-    fusion_rows = []
-    if done and len(done) == len(p.stages) and parent.run_id and _fusion_done(parent.run_id, uri):
+    summary = {
+        "sweep": sweep_name,
+        "parent_run_id": parent.run_id,
+        "experiment": experiment,
+        "stages": {k: v["run_id"] for k, v in results.items()},
+    }
+    if len(done) == len(p.stages) and _fusion_done(parent.run_id, uri):
         log.info("sweep %s: every stage and the fusion are done already", sweep_name)
         parent.end("FINISHED")
-        return {
-            "sweep": sweep_name,
-            "parent_run_id": parent.run_id,
-            "experiment": experiment,
-            "stages": {k: v["run_id"] for k, v in results.items()},
-            "fusion": "done (see fusion_results.json)",
-        }
+        return {**summary, "fusion": "done (see fusion_results.json on the parent run)"}
+    fusion_rows = []
     stage_of = {s.key: s for s in p.stages}
     for group in p.fusion:
         last = stage_of[
@@ -440,10 +440,4 @@ def run_sweep(
         parent.log_dict({"rows": fusion_rows}, "fusion_results.json")
     parent.set_tags({TAG_FUSION_DONE: "true"})
     parent.end("FINISHED")
-    return {
-        "sweep": sweep_name,
-        "parent_run_id": parent.run_id,
-        "experiment": experiment,
-        "stages": {k: v["run_id"] for k, v in results.items()},
-        "fusion": fusion_rows,
-    }
+    return {**summary, "fusion": fusion_rows}
