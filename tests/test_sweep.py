@@ -1,0 +1,68 @@
+"""The staged plan as data: built-in plans, plan YAML files, per-stage configs (no cluster needed)."""
+
+import pytest
+
+from vggdist.sweep import Plan, Stage, builtin_plan, load_plan, plan_to_yaml, stage_config, table4_scales
+
+
+def test_paper_plan_is_the_studys_dag():
+    p = builtin_plan("paper")
+    keys = [s.key for s in p.stages]
+    assert keys[0] == "1-A-S256" and p.stages[0].init == "normal"
+    assert {k for k in keys if k.startswith("2-")} == {f"2-{c}-S256" for c in ("A-LRN", "B", "C", "D", "E")}
+    assert all(
+        s.init == "from-shallower" and s.init_from == "1-A-S256" for s in p.stages if s.key.startswith("2-")
+    )
+    s384 = {s.key: s for s in p.stages if s.key.startswith("3-")}
+    assert set(s384) == {"3-C-S384", "3-D-S384", "3-E-S384"}
+    assert all(s.lr == 1e-3 and s.init == "resume-weights" for s in s384.values())
+    jit = {s.key: s for s in p.stages if s.key.startswith("4-")}
+    assert jit["4-D-S256-512"].init_from == "3-D-S384" and jit["4-D-S256-512"].train_scale == (256, 512)
+    assert set(jit["4-E-S256-512"].protocols) == {"dense", "multicrop", "combined"}
+    assert p.fusion == (("4-D-S256-512", "4-E-S256-512"),)
+
+
+def test_table4_scale_sets():
+    assert table4_scales((256,)) == (224, 256, 288)
+    assert table4_scales((384,)) == (352, 384, 416)
+    assert table4_scales((256, 512)) == (256, 384, 512)
+
+
+def test_stage_config_maps_paper_scales_to_the_preset_crop():
+    p = builtin_plan("mini")
+    jitter = next(s for s in p.stages if s.key == "4-D-S256-512")
+    cfg = stage_config(p, jitter, workers=2, gpu=False, experiment="e", run_name="n-4", sets=["run.seed=3"])
+    assert cfg.model.name == "D" and cfg.data.crop_size == 32
+    assert cfg.data.scale_jitter == (37, 73) and cfg.data.validation_scale == 55
+    assert cfg.eval.test_scales == (37, 55, 73) and cfg.optim.lr == 1e-3
+    assert cfg.run.init == "resume-weights" and cfg.run.init_from == "stage:2-D-S256"
+    assert (cfg.run.workers, cfg.run.seed, cfg.run.run_name) == (2, 3, "n-4")
+    paper = builtin_plan("paper")
+    a = stage_config(paper, paper.stages[0], workers=None, gpu=True, experiment="e", run_name="x", sets=[])
+    assert a.data.train_scale == 256 and a.eval.test_scales == (224, 256, 288) and a.run.use_bf16
+
+
+def test_plan_yaml_round_trip_and_errors(tmp_path):
+    f = tmp_path / "plan.yaml"
+    f.write_text(
+        "name: d-only\npreset: mini\nstages:\n"
+        "  - {key: a, config: A, train_scale: 256, init: glorot}\n"
+        "  - {key: d, config: D, train_scale: [256, 512], init: from-shallower, init_from: a, epochs: 3,"
+        " protocols: [dense, multicrop]}\n"
+        "fusion: [[a, d]]\nsets: ['schedule.plateau_patience=3']\n"
+    )
+    p = load_plan(f)
+    assert [s.key for s in p.stages] == ["a", "d"] and p.stages[1].train_scale == (256, 512)
+    assert p.stages[1].protocols == ("dense", "multicrop") and p.fusion == (("a", "d"),)
+    assert "d-only" in plan_to_yaml(p)
+    with pytest.raises(ValueError, match="not an earlier stage"):
+        Plan("bad", "mini", (Stage("d", "D", (256,), init="from-shallower", init_from="a"),))
+    with pytest.raises(ValueError, match="duplicate"):
+        Plan("bad", "mini", (Stage("a", "A", (256,)), Stage("a", "B", (256,))))
+    with pytest.raises(ValueError, match="unknown stages"):
+        Plan("bad", "mini", (Stage("a", "A", (256,)),), fusion=(("a", "z"),))
+    with pytest.raises(ValueError, match="use paper, mini, or a plan YAML"):
+        builtin_plan("nonexistent.yaml")
+    (tmp_path / "broken.yaml").write_text("stages:\n  - {config: A}\n")
+    with pytest.raises(ValueError, match="each stage needs key, config, train_scale"):
+        load_plan(tmp_path / "broken.yaml")
