@@ -11,9 +11,10 @@ import os
 import sys
 
 from preprocess.images import ImageLimits
-from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, SPLITS, JobError, ShardJob, run_shard_job, verify
+from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, SPLITS, JobError, ShardJob, run_shard_job
 from preprocess.sources import SourceError
 from preprocess.stats import format_stats, load_stats
+from preprocess.verify import verify
 
 log = logging.getLogger(__name__)
 _D = ImageLimits()

@@ -18,9 +18,10 @@ from PIL import Image
 
 from preprocess import shards
 from preprocess.images import ImageLimits
-from preprocess.shards import JobError, ShardJob, plan_shards, read_manifest, run_shard_job, verify
+from preprocess.shards import JobError, ShardJob, plan_shards, read_manifest, run_shard_job
 from preprocess.sources import list_source
 from preprocess.stats import load_stats
+from preprocess.verify import verify
 
 try:
     from tests import preprocess_fixtures as fx
