@@ -181,6 +181,7 @@ class RunConfig:
     """Where and how a run executes: workers, devices, numerics, checkpoints, tracking."""
 
     workers: int = 1
+    cpus_per_worker: int = 1  # CPUs Ray reserves per training worker: its loader processes decode JPEGs there
     gpu: bool = False
     seed: int = 0
     init: str = "normal"  # "normal" | "glorot" | "from-shallower" | "resume-weights"
@@ -204,6 +205,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "run.workers must be >= 1")
+        _check(
+            self.cpus_per_worker >= 1,
+            "run.cpus_per_worker must be >= 1 (with --gpu, e.g. 12 on an 8-GPU, 96-core node)",
+        )
         _check(
             self.init in ("normal", "glorot", "from-shallower", "resume-weights"),
             f"run.init={self.init!r}: use normal, glorot, from-shallower or resume-weights",

@@ -352,7 +352,11 @@ def train(
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.workers,
+            use_gpu=cfg.run.gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,

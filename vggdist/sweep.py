@@ -376,7 +376,8 @@ def run_sweep(
         )
         for s in p.stages
     }
-    workers_per_run = next(iter(configs.values())).run.workers
+    first = next(iter(configs.values())).run
+    workers_per_run = first.workers * (1 if gpu else first.cpus_per_worker)  # slots one run takes
     pending = [s for s in p.stages if s.key not in results]
     running: dict[ray.ObjectRef, Stage] = {}
     while pending or running:
