@@ -19,6 +19,7 @@ from vggdist import data
 from vggdist.config import Config
 from vggdist.dense import to_dense
 from vggdist.evaluate import (
+    add_counts,
     combine,
     dense_posteriors,
     fuse,
@@ -103,14 +104,6 @@ def batch_counts(
     return out
 
 
-def add(total: dict[str, dict[str, int]], part: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    for key, counts in part.items():
-        into = total.setdefault(key, {})
-        for k, v in counts.items():
-            into[k] = into.get(k, 0) + int(v)
-    return total
-
-
 def evaluate_shard_slice(
     checkpoints: Sequence[str],
     val_dir: str,
@@ -135,7 +128,9 @@ def evaluate_shard_slice(
     def flush() -> None:
         nonlocal total
         if buf_images:
-            total = add(total, batch_counts(models, buf_images, torch.cat(buf_labels), protocols, scales))
+            total = add_counts(
+                total, batch_counts(models, buf_images, torch.cat(buf_labels), protocols, scales)
+            )
             buf_images.clear()
             buf_labels.clear()
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from vggdist.models import VGG, _strip_prefixes, paper_layer_names
+from vggdist.models import VGG, paper_layer_names, strip_wrapper_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def init_from_shallower(deep_model: VGG, shallow_state: Mapping[str, torch.Tenso
     deep = getattr(deep_model, "module", deep_model)  # accept a DDP-wrapped model too
     if not isinstance(deep, VGG):
         raise ValueError(f"init_from_shallower needs a vggdist VGG model, got {type(deep).__name__}")
-    source = _strip_prefixes(shallow_state)
+    source = strip_wrapper_prefixes(shallow_state)
     # Net A built like the deep net on the meta device (no memory): its keys and shapes are what we expect.
     with torch.device("meta"):
         shallow = VGG(

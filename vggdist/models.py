@@ -32,6 +32,7 @@ __all__ = [
     "format_table",
     "layer_table",
     "load_torchvision_state_dict",
+    "strip_wrapper_prefixes",
     "paper_layer_names",
 ]
 
@@ -222,7 +223,7 @@ def paper_layer_names(model: VGG) -> dict[str, str]:
     return names
 
 
-def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop wrapper prefixes: DistributedDataParallel's ``module.`` and torch.compile's ``_orig_mod.``."""
     out = {}
     for key, value in state_dict.items():
@@ -239,7 +240,7 @@ def load_torchvision_state_dict(model: VGG, state_dict: Mapping[str, torch.Tenso
     Raises ValueError naming the missing / unexpected keys or the first shape mismatch, e.g. when the
     configuration, ``batch_norm``, ``num_classes`` or the crop (fc6 expects 512*7*7 inputs at 224) differ.
     """
-    state = _strip_prefixes(state_dict)
+    state = strip_wrapper_prefixes(state_dict)
     own = model.state_dict()
     hint = (
         f"build the model to match the weights, e.g. build_vgg('D' for vgg16 / 'E' for vgg19, "

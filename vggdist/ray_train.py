@@ -426,7 +426,7 @@ def _distributed_counts(
     checkpoints: list[str], val_dir: Path, protocols: list[str], scales: list[int], workers: int, gpu: bool
 ) -> dict:
     """Sum the counts of `workers` Ray tasks; refuse to report unless every validation image was counted once."""
-    from vggdist.eval_run import add
+    from vggdist.evaluate import add_counts
 
     opts = {"num_gpus": 1} if gpu else {}
     refs = [
@@ -436,7 +436,7 @@ def _distributed_counts(
     total: dict = {}
     seen = 0
     for part in ray.get(refs):
-        total = add(total, part["counts"])
+        total = add_counts(total, part["counts"])
         seen += part["images"]
     data.check_eval_count(seen, data.expected_eval_count(val_dir))
     for key, c in total.items():

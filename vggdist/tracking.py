@@ -512,11 +512,14 @@ def _experiment_id(client: mlflow.MlflowClient, name: str, *, create: bool) -> s
         return client.get_experiment_by_name(name).experiment_id
 
 
+_NO_SUCH_RUN = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+
+
 def _get_existing_run(client: mlflow.MlflowClient, run_id: str, uri: str):
     try:
         return client.get_run(run_id)
     except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+        if e.error_code in _NO_SUCH_RUN:
             raise ValueError(
                 f"no MLflow run {run_id!r} in {uri}; check the run id in the MLflow UI"
             ) from None
@@ -600,7 +603,7 @@ def resolve_checkpoint(run_or_path: str, uri: str | None = None) -> str:
     try:
         run = _client(uri).get_run(run_or_path)
     except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+        if e.error_code in _NO_SUCH_RUN:
             raise ValueError(
                 f"{run_or_path!r} is neither a checkpoint path nor a run id in {uri}; {hint}"
             ) from None

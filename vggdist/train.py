@@ -361,7 +361,9 @@ def apply_init(
         raise ValueError(f"--init {init} needs the weights of --init-from")
     if init == "from-shallower":
         return init_from_shallower(model, init_state)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in init_state.items()}
+    from vggdist.models import strip_wrapper_prefixes
+
+    state = strip_wrapper_prefixes(init_state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
