@@ -4,8 +4,8 @@ The paper subtracts the mean RGB value computed on the training set (§2.1) and,
 augments with a random RGB colour shift along the principal components of the RGB pixel covariance (§3.1).
 Both come from here, computed over every pixel written to the shards.
 
-Per image the sums Σx and Σxxᵀ are computed in int64 (exact up to ~10¹⁴ pixels per image) and then carried as
-Python integers, so per-task accumulation and the merge across tasks are exact in any order. Only the final mean / covariance are rounded to float64.
+Per image the sums Σx and Σxxᵀ are computed in exact integer arithmetic (the C extension ``preprocess._moments``
+when it was built, else numpy int64; both exact up to ~10¹⁴ pixels per image) and then carried as Python integers, so per-task accumulation and the merge across tasks are exact in any order. Only the final mean / covariance are rounded to float64.
 The covariance is the population covariance (divide by the number of pixels).
 """
 
@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+try:  # the same sums in C (built at install time when a compiler exists): ~5x faster on the preprocessing path
+    from preprocess._moments import rgb_moments as _rgb_moments
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    _rgb_moments = None
 
 FORMAT_VERSION = 1
 STATS_FILE = "stats.json"
@@ -34,20 +39,30 @@ class RGBMoments:
         """Add one (H, W, 3) uint8 image."""
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.shape} {pixels.dtype}")
+        if _rgb_moments is not None:
+            n, sums, (rr, rg, rb, gg, gb, bb) = _rgb_moments(np.ascontiguousarray(pixels))
+            self._add(n, sums, ((rr, rg, rb), (rg, gg, gb), (rb, gb, bb)))
+        else:
+            self._add_numpy(pixels)
+
+    def _add(self, n: int, sums, outer) -> None:
+        self.images += 1
+        self.pixels += n
+        for i in range(3):
+            self.sum_rgb[i] += sums[i]
+            for j in range(3):
+                self.sum_outer[i][j] += outer[i][j]
+
+    def _add_numpy(self, pixels: np.ndarray) -> None:
+        """`add_image` without the C extension: the same exact sums with numpy int64."""
         n = pixels.shape[0] * pixels.shape[1]
         # Channel planes as int64 rows (3, N): contiguous rows make the sums and dot products fast (a strided
         # (N, 3) reduction is several times slower), and integer arithmetic makes them exact.
         planes = np.empty((3, n), dtype=np.int64)
         planes[...] = pixels.reshape(n, 3).T
-        self.images += 1
-        self.pixels += n
-        for i in range(3):
-            self.sum_rgb[i] += int(planes[i].sum())
-            for j in range(i, 3):
-                v = int(np.dot(planes[i], planes[j]))
-                self.sum_outer[i][j] += v
-                if j != i:
-                    self.sum_outer[j][i] += v
+        sums = [int(planes[i].sum()) for i in range(3)]
+        outer = [[int(np.dot(planes[i], planes[j])) for j in range(3)] for i in range(3)]
+        self._add(n, sums, outer)
 
     def merge(self, other: RGBMoments) -> RGBMoments:
         """Add ``other`` into self (exact, order-independent) and return self."""

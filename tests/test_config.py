@@ -78,3 +78,12 @@ def test_validation_scale_for_jittered_s_is_384():
 def test_flat_params_use_dotted_names():
     flat = preset("paper").flat()
     assert flat["optim.lr"] == 0.01 and flat["data.train_scale"] == 256 and "run.workers" in flat
+
+
+def test_data_decoder_choice_is_checked():
+    from vggdist.config import DataConfig
+
+    assert DataConfig().decoder == "auto"
+    assert DataConfig(decoder="pil").decoder == "pil"
+    with pytest.raises(ValueError, match="data.decoder='nvjpeg': use one of auto, window, simplejpeg, pil"):
+        DataConfig(decoder="nvjpeg")

@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from preprocess import stats as S
 from preprocess.stats import RGBMoments, format_stats, load_stats, pca, stats_dict
+
+needs_c = pytest.mark.skipif(S._rgb_moments is None, reason="preprocess._moments was not built")
 
 
 def _images(n=5, seed=0):
@@ -28,6 +31,37 @@ def test_moments_are_exact_integers_and_match_numpy():
     assert m.sum_outer == (x.T @ x).tolist()
     np.testing.assert_allclose(m.mean(), x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(m.covariance(), np.cov(x.T, bias=True), rtol=1e-10, atol=1e-9)
+
+
+@needs_c
+def test_c_and_numpy_moments_agree_exactly_also_across_the_32_bit_blocks(monkeypatch):
+    # the C loop sums blocks of 66,051 pixels in uint32: an all-255 image of 3 blocks and a bit, plus a
+    # non-contiguous view (the C path makes it contiguous first)
+    rng = np.random.default_rng(3)
+    images = [
+        np.full((7, 30_000, 3), 255, np.uint8),
+        rng.integers(0, 256, (301, 700, 3), dtype=np.uint8),
+        rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)[::2, ::3],
+    ]
+    c = RGBMoments()
+    for im in images:
+        c.add_image(im)
+    monkeypatch.setattr(S, "_rgb_moments", None)
+    ref = RGBMoments()
+    for im in images:
+        ref.add_image(im)
+    assert c == ref
+    assert c.sum_outer[0][0] == 210_000 * 255 * 255 + int((images[1][..., 0].astype(np.int64) ** 2).sum()) + int(
+        (images[2][..., 0].astype(np.int64) ** 2).sum()
+    )
+
+
+@needs_c
+def test_c_moments_refuse_what_is_not_interleaved_uint8():
+    with pytest.raises(ValueError, match="multiple of 3"):
+        S._rgb_moments(np.zeros(10, np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        S._rgb_moments(np.zeros((4, 4, 3), np.float32))
 
 
 def test_merge_is_exact_in_any_order_and_survives_json():

@@ -91,7 +91,7 @@ def test_train_crop_is_sample_crop_then_rescaled_crop():
         got = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
         # simplejpeg decodes the same pixels (bit-exact here; 1 grey level of slack for other builds)
         assert np.abs(as_i16(got) - as_i16(expected)).max() <= 1
-        pil = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), turbo=False)
+        pil = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="pil")
         assert torch.equal(pil, expected)
 
 
@@ -207,8 +207,8 @@ def test_turbo_decode_scale_is_pils_draft_choice_never_below_s_space(monkeypatch
 def test_turbo_train_crop_jitter_range_and_same_draws_as_pil():
     data = smooth_jpeg(500, 375)
     for seed in range(6):
-        a = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
-        b = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), turbo=False)
+        a = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="simplejpeg")
+        b = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="pil")
         assert np.abs(as_i16(a) - as_i16(b)).max() <= 1
     rng = np.random.default_rng(1)
     mirrored = 0
@@ -223,9 +223,12 @@ def test_turbo_train_crop_jitter_range_and_same_draws_as_pil():
 
 def test_train_crop_falls_back_to_pil(monkeypatch):
     data = smooth_jpeg(500, 375)
-    expected = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4), turbo=False)
+    expected = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4), decoder="pil")
     monkeypatch.setattr(T, "simplejpeg", None)  # the package missing
+    monkeypatch.setattr(T, "_jpegcrop", None)  # the extension not built
     assert T.turbo_crop(data, 256, 0, 0, 224) is None
+    assert T.window_crop(data, 256, 0, 0, 224) is None
+    assert T.available_decoder() == "pil"
     assert torch.equal(T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4)), expected)
 
 
@@ -240,6 +243,122 @@ def test_turbo_path_declines_cmyk_and_non_jpeg():
     assert T.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
     out = T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
     assert out.shape == (3, 224, 224) and out[:, 0, 0].tolist() == [10, 20, 30]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the window decoder (vggdist._jpegcrop, C against the system libjpeg-turbo)
+
+needs_window = pytest.mark.skipif(T._jpegcrop is None, reason="vggdist._jpegcrop was not built")
+
+
+def photo_jpeg(w: int, h: int, subsampling: int = 2, progressive: bool = False, seed: int = 0) -> bytes:
+    """Textured colour JPEG (noise makes every block and chroma edge matter); subsampling 0/1/2 = 4:4:4/4:2:2/4:2:0."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.stack([128 + 90 * np.sin(9 * x + 3 * y), 60 + 150 * x, 128 + 80 * np.cos(11 * x * y)], axis=-1)
+    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90, subsampling=subsampling, progressive=progressive)
+    return buf.getvalue()
+
+
+@needs_window
+@pytest.mark.parametrize(
+    "size, subsampling, progressive",
+    [((500, 375), 2, False), ((375, 500), 1, False), ((683, 512), 0, False), ((640, 480), 2, True)],
+)
+def test_window_decoder_pixels_equal_a_full_decode(size, subsampling, progressive):
+    data = photo_jpeg(*size, subsampling, progressive)
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 4):
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (size[0] // k, size[1] // k))  # Pillow's DCT-scaled decode at 1/k
+        full = np.asarray(im.convert("RGB"))
+        fh, fw = full.shape[:2]
+        windows = [(0, 0, fw, fh), (0, 0, 1, 1), (fw - 1, fh - 1, fw, fh)]
+        windows += [
+            (x0, y0, int(rng.integers(x0 + 1, fw + 1)), int(rng.integers(y0 + 1, fh + 1)))
+            for x0, y0 in zip(rng.integers(0, fw - 1, 12), rng.integers(0, fh - 1, 12), strict=True)
+        ]
+        for x0, y0, x1, y1 in windows:
+            pixels, left, top, w, h, iw, ih = T._jpegcrop.crop(data, k, int(x0), int(y0), int(x1), int(y1))
+            assert (iw, ih) == (fw, fh) and top == y0 and h == y1 - y0 and left <= x0 and left + w >= x1
+            got = np.frombuffer(pixels, np.uint8).reshape(h, w, 4)[:, x0 - left : x1 - left, :3]
+            np.testing.assert_array_equal(got, full[y0:y1, x0:x1], err_msg=f"k={k} window {x0, y0, x1, y1}")
+
+
+@needs_window
+@pytest.mark.parametrize("size, s", [((500, 375), 256), ((375, 500), 512), ((683, 512), 300), ((2048, 1536), 256)])
+def test_window_crop_matches_pil_route_and_rescale_then_crop(size, s):
+    data = photo_jpeg(*size)
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        _, left, top, flip = T.sample_crop(*size, s, 224, rng)
+        ours = T.window_crop(data, s, left, top, 224, flip)
+        assert ours is not None and ours.shape == (3, 224, 224) and ours.dtype == torch.uint8
+        pil = as_i16(T.rescaled_crop(data, s, left, top, 224, flip))
+        diff = np.abs(as_i16(ours) - pil)
+        # same decoded pixels; the box shifted into the window's coordinates rounds differently in the last
+        # bit, which moves ~0.1 % of values by a grey level or two
+        assert diff.max() <= 2 and diff.mean() < 0.02
+        ref = naive_crop(data, s, left, top, 224)
+        if flip:
+            ref = ref[:, :, ::-1]
+        assert np.abs(as_i16(ours) - ref).mean() < 1.5
+
+
+@needs_window
+def test_window_decoder_declines_what_it_does_not_decode_cleanly():
+    buf = io.BytesIO()
+    Image.new("CMYK", (300, 260), (10, 20, 30, 0)).save(buf, "JPEG")
+    assert T._jpegcrop.header(buf.getvalue()) is None and T.window_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 260)).save(buf, "PNG")
+    assert T._jpegcrop.header(buf.getvalue()) is None
+    assert T._jpegcrop.header(b"") is None
+    gray = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(300, dtype=np.uint8)[None] % 251, (260, 1))).save(gray, "JPEG")
+    out = T.window_crop(gray.getvalue(), 256, 10, 0, 224)
+    assert out is not None and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    data = photo_jpeg(500, 375)
+    truncated = data[: len(data) // 2]  # libjpeg warns "premature end of data" → Pillow's policy decides
+    with pytest.raises(ValueError, match="libjpeg"):
+        T._jpegcrop.crop(truncated, 1, 0, 300, 500, 375)
+    assert T.window_crop(truncated, 256, 0, 0, 224) is None
+    with pytest.raises(OSError):  # the PIL fallback refuses a truncated file, as without the extension
+        T.train_crop_jpeg(truncated, 256, 224, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="denom"):
+        T._jpegcrop.crop(data, 3, 0, 0, 10, 10)
+    with pytest.raises(ValueError, match="empty window"):
+        T._jpegcrop.crop(data, 1, 600, 0, 700, 10)
+
+
+@needs_window
+def test_every_decoder_gives_the_same_crop_from_the_same_draws():
+    data = photo_jpeg(500, 375)
+    for seed in range(8):
+        crops = {
+            name: as_i16(T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder=name))
+            for name in T.DECODER_CHOICES
+        }
+        assert np.array_equal(crops["auto"], crops["window"])
+        for name in ("simplejpeg", "pil"):
+            assert np.abs(crops["window"] - crops[name]).max() <= 2
+    assert T.available_decoder() == "window"
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        T.train_crop_jpeg(data, 256, 224, np.random.default_rng(0), decoder="nvjpeg")
+
+
+@needs_window
+def test_window_decoder_runs_in_threads_without_the_gil():
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = [photo_jpeg(500, 375, seed=i) for i in range(4)]
+    expected = [T.window_crop(d, 300, 20, 30, 224) for d in data]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda d: T.window_crop(d, 300, 20, 30, 224), data))
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_non_rgb_jpeg_comes_out_rgb():

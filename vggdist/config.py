@@ -53,6 +53,9 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1) (paper: 0.5)")
 
 
+JPEG_DECODERS = ("auto", "window", "simplejpeg", "pil")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """§3.1 training images: isotropic rescale to S (fixed or jittered), random crop, flip, PCA colour shift, mean subtraction."""
@@ -67,6 +70,9 @@ class DataConfig:
     loader_workers: int = 2  # DataLoader processes per training worker
     shuffle_buffer: int = 2000  # samples in the in-memory shuffle buffer of each loader worker
     val_scale: int | None = None  # Q for per-epoch validation; None -> S, or 384 (scaled) when jittering
+    # training-crop JPEG decoder: "auto" = the window decoder (C extension) → simplejpeg → PIL, the first that
+    # applies; or one of them by name (same pixels within 2 grey levels; see vggdist/transforms.py)
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         _check(
@@ -89,6 +95,10 @@ class DataConfig:
             f"data.normalize={self.normalize!r}: use 'mean' (paper) or 'mean_std'",
         )
         _check(self.loader_workers >= 0, "data.loader_workers must be >= 0")
+        _check(
+            self.decoder in JPEG_DECODERS,
+            f"data.decoder={self.decoder!r}: use one of {', '.join(JPEG_DECODERS)}",
+        )
         _check(
             self.val_scale is None or self.val_scale >= self.crop_size,
             "data.val_scale must be >= data.crop_size",

@@ -231,12 +231,12 @@ class _TrainStream(IterableDataset):
         if bufsize > 1:  # raw samples (JPEG bytes) are buffered; decoding happens after the shuffle
             samples = wds.shuffle(bufsize, initial=bufsize, rng=shuffle_rng)(samples)
         scale = self.cfg.scale_jitter or self.cfg.train_scale
-        crop = self.cfg.crop_size
+        crop, decoder = self.cfg.crop_size, self.cfg.decoder
         record = _key_recorder(self.epoch, self.rank, worker)
         for _ in range(my_steps):
             images, labels = [], []
             for sample in samples:
-                images.append(_decode(sample, lambda b: T.train_crop_jpeg(b, scale, crop, crop_rng)))
+                images.append(_decode(sample, lambda b: T.train_crop_jpeg(b, scale, crop, crop_rng, decoder)))
                 labels.append(int(sample["cls"]))
                 if record is not None:
                     record.write(sample["__key__"] + "\n")

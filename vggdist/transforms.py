@@ -54,6 +54,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,8 +64,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vggdist.config import DataConfig
+from vggdist.config import JPEG_DECODERS, DataConfig
 
+try:  # the window decoder (C, system libjpeg-turbo): optional, built at install time when headers exist
+    from vggdist import _jpegcrop
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    _jpegcrop = None
 try:  # libjpeg-turbo straight into numpy for the training crop; PIL when missing
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised where the package is absent
@@ -74,8 +79,10 @@ logger = logging.getLogger(__name__)
 _TURBO_BUFFER = threading.local()  # the decoder's output, reused image to image (one per thread)
 
 __all__ = [
+    "DECODER_CHOICES",
     "EIGVAL_TO_PIXELS",
     "DeviceAugment",
+    "available_decoder",
     "center_crop_jpeg",
     "collate_images",
     "decode_for_size",
@@ -88,6 +95,7 @@ __all__ = [
     "scaled_size",
     "train_crop_jpeg",
     "turbo_crop",
+    "window_crop",
 ]
 
 STATS_FILE = "stats.json"
@@ -141,8 +149,7 @@ def _crop(im: Image.Image, s: int, left: int, top: int, crop: int, flip: bool) -
     """Window (left, top, crop × crop) of opened image `im` rescaled to smallest side `s`, as uint8 (3, crop, crop)."""
     w, h = im.size
     sw, sh = scaled_size(w, h, s)
-    if not (0 <= left <= sw - crop and 0 <= top <= sh - crop):
-        raise ValueError(f"a {crop}x{crop} crop at ({left}, {top}) does not fit the {sw}x{sh} image at S={s}")
+    _check_window(sw, sh, s, left, top, crop)
     im, factor = _decode_at(im, (sw, sh))
     # S-space → decoded coordinates per axis (scaled_size rounds the long side, so the two ratios differ a bit)
     fx, fy = w * factor / sw, h * factor / sh
@@ -179,6 +186,63 @@ def sample_crop(
     return s, left, top, bool(rng.random() < 0.5)
 
 
+def _draft_denom(w: int, h: int, sw: int, sh: int) -> int:
+    """The DCT scale PIL's draft picks: 1/k, k the largest of 8, 4, 2 with k · S-space ≤ stored size (else 1)."""
+    return next((k for k in (8, 4, 2) if w >= k * sw and h >= k * sh), 1)
+
+
+def _check_window(sw: int, sh: int, s: int, left: int, top: int, crop: int) -> None:
+    if not (0 <= left <= sw - crop and 0 <= top <= sh - crop):
+        raise ValueError(f"a {crop}x{crop} crop at ({left}, {top}) does not fit the {sw}x{sh} image at S={s}")
+
+
+def _window_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) when the window decoder can decode `data` to RGB, else None (not built, CMYK, not a JPEG)."""
+    if _jpegcrop is None:
+        return None
+    return _jpegcrop.header(data)
+
+
+def _window_crop(
+    data: bytes, w: int, h: int, s: int, left: int, top: int, crop: int, flip: bool
+) -> torch.Tensor | None:
+    """`_crop` through vggdist._jpegcrop: decode only the pixels the resampling reads; None when it cannot."""
+    sw, sh = scaled_size(w, h, s)
+    _check_window(sw, sh, s, left, top, crop)
+    k = _draft_denom(w, h, sw, sh)
+    fx, fy = w / (k * sw), h / (k * sh)  # S-space → decoded coordinates (decoded = stored / k)
+    box = (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
+    # Pillow's bilinear filter reads up to max(1, box side / crop) pixels either side of an output pixel's
+    # centre (it is widened when downsizing); decode the box plus that margin, plus one for rounding
+    mx, my = max(1.0, (box[2] - box[0]) / crop), max(1.0, (box[3] - box[1]) / crop)
+    window = (
+        math.floor(box[0] - mx) - 1,
+        math.floor(box[1] - my) - 1,
+        math.ceil(box[2] + mx) + 1,
+        math.ceil(box[3] + my) + 1,
+    )
+    try:
+        pixels, x0, y0, ww, wh, _, _ = _jpegcrop.crop(data, k, *window)
+    except ValueError:  # damaged data (libjpeg warnings included): Pillow's route decides what happens
+        return None
+    # the same resampling as the full-image routes, with the box moved into the window's coordinates; the
+    # window holds every pixel the filter reads, and the image's own edges are the window's edges there
+    im = Image.frombuffer("RGBX", (ww, wh), pixels, "raw", "RGBX", 0, 1)
+    out = im.resize((crop, crop), _BILINEAR, box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # RGBX → a (3, crop, crop) view that skips X: one copy out of Pillow, no RGB repacking (collate packs)
+    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)[:3]
+
+
+def window_crop(
+    data: bytes, s: int, left: int, top: int, crop: int, flip: bool = False
+) -> torch.Tensor | None:
+    """`rescaled_crop` through the window decoder (vggdist._jpegcrop); None where that path does not apply."""
+    size = _window_header(data)
+    return None if size is None else _window_crop(data, *size, s, left, top, crop, flip)
+
+
 def _turbo_header(data: bytes) -> tuple[int, int] | None:
     """(width, height) when simplejpeg can decode `data` to RGB, else None (package missing, CMYK, not a JPEG)."""
     if simplejpeg is None:
@@ -197,10 +261,8 @@ def _turbo_crop(
 ) -> torch.Tensor | None:
     """`_crop` with simplejpeg as the decoder (w × h from `_turbo_header`); None when it cannot decode."""
     sw, sh = scaled_size(w, h, s)
-    if not (0 <= left <= sw - crop and 0 <= top <= sh - crop):
-        raise ValueError(f"a {crop}x{crop} crop at ({left}, {top}) does not fit the {sw}x{sh} image at S={s}")
-    # the DCT scale PIL's draft would pick: 1/k, k the largest of 8, 4, 2 with k · S-space ≤ stored size
-    k = next((k for k in (8, 4, 2) if w >= k * sw and h >= k * sh), 1)
+    _check_window(sw, sh, s, left, top, crop)
+    k = _draft_denom(w, h, sw, sh)
     dw, dh = -(-w // k), -(-h // k)
     buf = getattr(_TURBO_BUFFER, "array", None)
     if buf is None or buf.size < dw * dh * 4:
@@ -225,26 +287,50 @@ def _turbo_crop(
 def turbo_crop(
     data: bytes, s: int, left: int, top: int, crop: int, flip: bool = False
 ) -> torch.Tensor | None:
-    """`rescaled_crop` through simplejpeg, the training decode path; None where that path does not apply."""
+    """`rescaled_crop` through simplejpeg; None where that path does not apply."""
     size = _turbo_header(data)
     return None if size is None else _turbo_crop(data, *size, s, left, top, crop, flip)
 
 
+# the training-crop decoders, fastest first: (header → (w, h) | None, crop → tensor | None)
+_DECODERS = {
+    "window": (_window_header, _window_crop),
+    "simplejpeg": (_turbo_header, _turbo_crop),
+}
+DECODER_CHOICES = JPEG_DECODERS
+
+
+def available_decoder() -> str:
+    """The decoder ``train_crop_jpeg(decoder="auto")`` tries first here: window, simplejpeg or pil."""
+    if _jpegcrop is not None:
+        return "window"
+    return "simplejpeg" if simplejpeg is not None else "pil"
+
+
 def train_crop_jpeg(
-    data: bytes, scale: int | Sequence[int], crop: int, rng: np.random.Generator, turbo: bool = True
+    data: bytes,
+    scale: int | Sequence[int],
+    crop: int,
+    rng: np.random.Generator,
+    decoder: str = "auto",
 ) -> torch.Tensor:
     """§3.1 training crop of one JPEG: rescale to S (fixed or jittered), random crop, flip → uint8 (3, crop, crop).
 
-    Decodes with simplejpeg when available and `turbo` (same pixels within 1 grey level, faster), else with
-    PIL; the random draws are the same either way.
+    `decoder`: "auto" tries the window decoder (vggdist._jpegcrop), then simplejpeg, then PIL, using the first
+    that applies to this file; "window" / "simplejpeg" try only that one before PIL; "pil" is PIL's route only.
+    All give the same pixels (within 1 grey level) from the same random draws.
     """
-    size = _turbo_header(data) if turbo else None
-    if size is not None:
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"decoder must be one of {DECODER_CHOICES}, got {decoder!r}")
+    names = ("window", "simplejpeg") if decoder == "auto" else () if decoder == "pil" else (decoder,)
+    for name in names:
+        header, crop_fn = _DECODERS[name]
+        size = header(data)
+        if size is None:
+            continue
         s, left, top, flip = sample_crop(*size, scale, crop, rng)
-        out = _turbo_crop(data, *size, s, left, top, crop, flip)
-        if out is not None:
-            return out
-        return rescaled_crop(data, s, left, top, crop, flip)
+        out = crop_fn(data, *size, s, left, top, crop, flip)
+        return out if out is not None else rescaled_crop(data, s, left, top, crop, flip)
     im = Image.open(io.BytesIO(data))
     s, left, top, flip = sample_crop(im.width, im.height, scale, crop, rng)
     return _crop(im, s, left, top, crop, flip)
