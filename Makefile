@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-run the install whenever the dependency list changes; a no-op otherwise.
-$(STAMP): pyproject.toml scripts/install_pillow_simd.sh
+$(STAMP): pyproject.toml setup.py vggdist/_jpegcrop.c preprocess/_moments.c scripts/install_pillow_simd.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# 1. torch + torchvision as a pair (from this machine's disk; pip only, not uv/poetry)

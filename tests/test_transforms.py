@@ -331,6 +331,13 @@ def test_window_decoder_declines_what_it_does_not_decode_cleanly():
         T._jpegcrop.crop(data, 3, 0, 0, 10, 10)
     with pytest.raises(ValueError, match="empty window"):
         T._jpegcrop.crop(data, 1, 600, 0, 700, 10)
+    with pytest.raises(ValueError, match="out buffer of 100 bytes"):
+        T._jpegcrop.crop(data, 1, 0, 0, 100, 100, np.empty(100, np.uint8))
+    with pytest.raises(BufferError):  # read-only
+        T._jpegcrop.crop(data, 1, 0, 0, 100, 100, bytes(10**6))
+    out = np.zeros(500 * 375 * 4, np.uint8)
+    pixels, *_ = T._jpegcrop.crop(data, 1, 0, 0, 500, 375, out)
+    assert pixels is out and out.any()
 
 
 @needs_window

@@ -54,12 +54,19 @@ typedef struct {
     const unsigned char *data;
     unsigned long size;
     int denom, x0, y0, x1, y1;
+    unsigned char *out;  /* caller's buffer for the rows, or NULL: malloc one */
+    size_t out_size;
     /* out */
-    unsigned char *pixels; /* malloc'd RGBX rows, width * 4 bytes each */
+    unsigned char *pixels; /* RGBX rows, width * 4 bytes each: `out` or malloc'd */
     JDIMENSION width, height, left, top, image_width, image_height;
     int unsupported; /* colour space this path does not handle (CMYK, YCCK) */
     char message[JMSG_LENGTH_MAX];
 } CropJob;
+
+static void release_pixels(CropJob *job) {
+    if (job->pixels != NULL && job->pixels != job->out) free(job->pixels);
+    job->pixels = NULL;
+}
 
 /* Runs without the GIL. Returns 0 on success, -1 with job->message set otherwise. */
 static int decode_crop(CropJob *job) {
@@ -76,8 +83,7 @@ static int decode_crop(CropJob *job) {
         strncpy(job->message, err.message, sizeof(job->message) - 1);
         job->message[sizeof(job->message) - 1] = '\0';
         jpeg_destroy_decompress(&cinfo);
-        free(job->pixels);
-        job->pixels = NULL;
+        release_pixels(job);
         return -1;
     }
     jpeg_create_decompress(&cinfo);
@@ -125,8 +131,15 @@ static int decode_crop(CropJob *job) {
     }
     JDIMENSION height = y1 - y0;
     size_t stride = (size_t)width * 4;
-    job->pixels = (unsigned char *)malloc(stride * height);
-    if (job->pixels == NULL) {
+    if (job->out != NULL) {
+        if (job->out_size < stride * height) {
+            snprintf(job->message, sizeof(job->message), "out buffer of %zu bytes < %zu for a %ux%u window",
+                     job->out_size, stride * height, width, height);
+            jpeg_destroy_decompress(&cinfo);
+            return -1;
+        }
+        job->pixels = job->out;
+    } else if ((job->pixels = (unsigned char *)malloc(stride * height)) == NULL) {
         snprintf(job->message, sizeof(job->message), "out of memory for a %ux%u window", width, height);
         jpeg_destroy_decompress(&cinfo);
         return -1;
@@ -134,8 +147,7 @@ static int decode_crop(CropJob *job) {
     if (y0 > 0 && jpeg_skip_scanlines(&cinfo, y0) != y0) {
         snprintf(job->message, sizeof(job->message), "could not skip to row %u", y0);
         jpeg_destroy_decompress(&cinfo);
-        free(job->pixels);
-        job->pixels = NULL;
+        release_pixels(job);
         return -1;
     }
     while (cinfo.output_scanline < y1) {
@@ -146,8 +158,7 @@ static int decode_crop(CropJob *job) {
         if (jpeg_read_scanlines(&cinfo, rows, n) == 0) {
             snprintf(job->message, sizeof(job->message), "no scanline returned at row %u", cinfo.output_scanline);
             jpeg_destroy_decompress(&cinfo);
-            free(job->pixels);
-            job->pixels = NULL;
+            release_pixels(job);
             return -1;
         }
     }
@@ -161,9 +172,10 @@ static int decode_crop(CropJob *job) {
 }
 
 PyDoc_STRVAR(crop_doc,
-"crop(data, denom, x0, y0, x1, y1) -> (pixels, left, top, width, height, image_width, image_height)\n\n"
+"crop(data, denom, x0, y0, x1, y1, out=None) -> (pixels, left, top, width, height, image_width, image_height)\n\n"
 "Decode the window [x0, x1) x [y0, y1) of the JPEG `data` at scale 1/denom (1, 2, 4 or 8).\n"
-"`pixels` is bytes of RGBX rows (width * 4 bytes each). The window is widened on the left and right to whole\n"
+"`pixels` holds RGBX rows (width * 4 bytes each) from its start: `out` itself when given (a writable buffer,\n"
+"reused from call to call; ValueError when it is too small), else new bytes. The window is widened on the left and right to whole\n"
 "iMCU columns: (left, top, width, height) is what was decoded, in coordinates of the scaled image of size\n"
 "image_width x image_height. Every pixel of the requested window equals a full decode's; the first and last\n"
 "decoded columns may not (chroma upsampling sees them as an edge) unless they are the image's own edges.\n"
@@ -171,15 +183,25 @@ PyDoc_STRVAR(crop_doc,
 "for anything libjpeg does not decode cleanly (also for warnings such as truncated data) and for CMYK/YCCK.");
 
 static PyObject *crop(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer view;
+    Py_buffer view, out = {0};
+    PyObject *out_obj = Py_None, *pixels;
     CropJob job;
     int rc;
     memset(&job, 0, sizeof(job));
-    if (!PyArg_ParseTuple(args, "y*iiiii", &view, &job.denom, &job.x0, &job.y0, &job.x1, &job.y1)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*iiiii|O", &view, &job.denom, &job.x0, &job.y0, &job.x1, &job.y1, &out_obj))
+        return NULL;
     if (job.denom != 1 && job.denom != 2 && job.denom != 4 && job.denom != 8) {
         PyBuffer_Release(&view);
         PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", job.denom);
         return NULL;
+    }
+    if (out_obj != Py_None) {
+        if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        job.out = (unsigned char *)out.buf;
+        job.out_size = (size_t)out.len;
     }
     job.data = (const unsigned char *)view.buf;
     job.size = (unsigned long)view.len;
@@ -187,13 +209,19 @@ static PyObject *crop(PyObject *Py_UNUSED(self), PyObject *args) {
     rc = decode_crop(&job);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
+    if (out_obj != Py_None) PyBuffer_Release(&out);
     if (rc != 0) {
         PyErr_Format(PyExc_ValueError, "libjpeg: %s", job.message);
         return NULL;
     }
-    PyObject *pixels = PyBytes_FromStringAndSize((const char *)job.pixels, (Py_ssize_t)job.width * 4 * job.height);
-    free(job.pixels);
-    if (pixels == NULL) return NULL;
+    if (out_obj != Py_None) {
+        Py_INCREF(out_obj);
+        pixels = out_obj;
+    } else {
+        pixels = PyBytes_FromStringAndSize((const char *)job.pixels, (Py_ssize_t)job.width * 4 * job.height);
+        release_pixels(&job);
+        if (pixels == NULL) return NULL;
+    }
     return Py_BuildValue("(NIIIIII)", pixels, job.left, job.top, job.width, job.height, job.image_width,
                          job.image_height);
 }

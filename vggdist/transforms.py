@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - exercised where the package is absent
     simplejpeg = None
 
 logger = logging.getLogger(__name__)
-_TURBO_BUFFER = threading.local()  # the decoder's output, reused image to image (one per thread)
+_TURBO_BUFFER = threading.local()  # the decoders' output, reused image to image (one per thread)
 
 __all__ = [
     "DECODER_CHOICES",
@@ -143,6 +143,16 @@ def _decode_at(im: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, flo
 def _to_chw(im: Image.Image) -> torch.Tensor:
     """PIL RGB → uint8 (3, H, W): a permuted view of the HWC pixels (channels_last strides, no transpose)."""
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _rgbx_to_chw(im: Image.Image) -> torch.Tensor:
+    """Pillow RGB/RGBX image → contiguous uint8 (H, W, 3) pixels seen as (3, H, W); packed to RGB by Pillow's
+    packer straight from its 4-byte pixels (~2x cheaper than ``convert("RGB")`` + ``np.array``). Packed RGB
+    matters: `collate_images` copies contiguous rows ~30x faster than a 4-byte-strided view."""
+    w, h = im.size
+    hwc = np.empty((h, w, 3), dtype=np.uint8)
+    hwc[...] = np.frombuffer(im.tobytes("raw", "RGB"), dtype=np.uint8).reshape(h, w, 3)
+    return torch.from_numpy(hwc).permute(2, 0, 1)
 
 
 def _crop(im: Image.Image, s: int, left: int, top: int, crop: int, flip: bool) -> torch.Tensor:
@@ -221,18 +231,22 @@ def _window_crop(
         math.ceil(box[2] + mx) + 1,
         math.ceil(box[3] + my) + 1,
     )
+    # decoded straight into this thread's reused buffer (sized for the whole decoded image, so always enough)
+    size = -(-w // k) * -(-h // k) * 4
+    buf = getattr(_TURBO_BUFFER, "window", None)
+    if buf is None or buf.size < size:
+        buf = _TURBO_BUFFER.window = np.empty(size, dtype=np.uint8)
     try:
-        pixels, x0, y0, ww, wh, _, _ = _jpegcrop.crop(data, k, *window)
+        _, x0, y0, ww, wh, _, _ = _jpegcrop.crop(data, k, *window, buf)
     except ValueError:  # damaged data (libjpeg warnings included): Pillow's route decides what happens
         return None
     # the same resampling as the full-image routes, with the box moved into the window's coordinates; the
     # window holds every pixel the filter reads, and the image's own edges are the window's edges there
-    im = Image.frombuffer("RGBX", (ww, wh), pixels, "raw", "RGBX", 0, 1)
+    im = Image.frombuffer("RGBX", (ww, wh), buf[: ww * wh * 4], "raw", "RGBX", 0, 1)
     out = im.resize((crop, crop), _BILINEAR, box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    # RGBX → a (3, crop, crop) view that skips X: one copy out of Pillow, no RGB repacking (collate packs)
-    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)[:3]
+    return _rgbx_to_chw(out)
 
 
 def window_crop(
