@@ -261,7 +261,7 @@ def window_decode():
 
     def run(batch):
         for d in batch:
-            w, h = T._jpegcrop.header(d)
+            w, h, _ = T._jpegcrop.header(d)
             s, left, top, _ = T.sample_crop(w, h, JITTER, CROP, rng)
             sw, sh = T.scaled_size(w, h, s)
             fx, fy = w / sw, h / sh

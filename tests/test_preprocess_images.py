@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from preprocess import images as images_mod
 from preprocess.images import Encoded, ImageLimits, Rejected, decode_rgb, target_size, to_jpeg
 
 try:
@@ -117,3 +118,47 @@ def test_limits_are_validated_and_decode_rgb_refuses_non_jpeg():
         ImageLimits(quality=0)
     with pytest.raises(ValueError, match="RGB JPEG"):
         decode_rgb(fx.encode(Image.new("RGB", (4, 4)), "PNG"))
+
+
+needs_fast = pytest.mark.skipif(images_mod._jpegcrop is None, reason="vggdist._jpegcrop was not built")
+
+
+@needs_fast
+@pytest.mark.parametrize("kind", [k for k in fx.image_kinds() if k not in fx.REFUSED])
+def test_fast_decoder_gives_the_same_bytes_and_pixels_as_pillow_alone(kind, monkeypatch):
+    # the C decoder must not change a single stored byte or statistic: resumed jobs mix both, verify uses both
+    for limits in (LIMITS, ImageLimits(max_side=24), ImageLimits(max_side=512)):
+        data = fx.image_kinds()[kind]
+        fast = to_jpeg(data, limits)
+        with monkeypatch.context() as m:
+            m.setattr(images_mod, "_jpegcrop", None)
+            slow = to_jpeg(data, limits)
+            slow_pixels = decode_rgb(fast.jpeg)
+        assert fast.jpeg == slow.jpeg and fast.reencoded == slow.reencoded
+        np.testing.assert_array_equal(fast.pixels, slow.pixels)
+        np.testing.assert_array_equal(decode_rgb(fast.jpeg), slow_pixels)
+
+
+@needs_fast
+@pytest.mark.parametrize("size", [(1600, 1200), (900, 2100), (4000, 3000)])
+def test_fast_draft_path_matches_pillow_for_large_photos(size, monkeypatch):
+    data = fx.rgb_jpeg(*size, 3)
+    fast = to_jpeg(data, ImageLimits(max_side=256))
+    monkeypatch.setattr(images_mod, "_jpegcrop", None)
+    slow = to_jpeg(data, ImageLimits(max_side=256))
+    assert fast.jpeg == slow.jpeg
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+
+
+@needs_fast
+def test_fast_decoder_hands_damaged_and_gray_files_to_pillow():
+    data = fx.rgb_jpeg(200, 150, 4)
+    with pytest.raises(Rejected) as e:
+        to_jpeg(data[: len(data) // 2], LIMITS)  # libjpeg warns; Pillow's route names the damage
+    assert e.value.reason == "truncated"
+    assert images_mod._fast_rgb(data[: len(data) // 2]) is None
+    gray = io.BytesIO()
+    Image.new("L", (40, 30), 77).save(gray, "JPEG")
+    assert images_mod._fast_rgb(gray.getvalue()) is None  # 1 component: not a shard JPEG
+    with pytest.raises(ValueError, match="expected an RGB JPEG"):
+        decode_rgb(gray.getvalue())

@@ -316,8 +316,10 @@ def test_window_decoder_declines_what_it_does_not_decode_cleanly():
     Image.new("RGB", (300, 260)).save(buf, "PNG")
     assert T._jpegcrop.header(buf.getvalue()) is None
     assert T._jpegcrop.header(b"") is None
+    assert T._jpegcrop.header(photo_jpeg(50, 40)) == (50, 40, 3)
     gray = io.BytesIO()
     Image.fromarray(np.tile(np.arange(300, dtype=np.uint8)[None] % 251, (260, 1))).save(gray, "JPEG")
+    assert T._jpegcrop.header(gray.getvalue()) == (300, 260, 1)
     out = T.window_crop(gray.getvalue(), 256, 10, 0, 224)
     assert out is not None and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
     data = photo_jpeg(500, 375)

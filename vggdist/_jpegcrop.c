@@ -54,10 +54,11 @@ typedef struct {
     const unsigned char *data;
     unsigned long size;
     int denom, x0, y0, x1, y1;
+    int channels;        /* 4: RGBX (Pillow's layout), 3: packed RGB (numpy's (H, W, 3)) */
     unsigned char *out;  /* caller's buffer for the rows, or NULL: malloc one */
     size_t out_size;
     /* out */
-    unsigned char *pixels; /* RGBX rows, width * 4 bytes each: `out` or malloc'd */
+    unsigned char *pixels; /* rows of width * channels bytes: `out` or malloc'd */
     JDIMENSION width, height, left, top, image_width, image_height;
     int unsupported; /* colour space this path does not handle (CMYK, YCCK) */
     char message[JMSG_LENGTH_MAX];
@@ -97,7 +98,7 @@ static int decode_crop(CropJob *job) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
     }
-    cinfo.out_color_space = JCS_EXT_RGBX;
+    cinfo.out_color_space = job->channels == 4 ? JCS_EXT_RGBX : JCS_EXT_RGB;
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)job->denom;
     cinfo.dct_method = JDCT_ISLOW;
@@ -130,7 +131,7 @@ static int decode_crop(CropJob *job) {
         width = cinfo.output_width;
     }
     JDIMENSION height = y1 - y0;
-    size_t stride = (size_t)width * 4;
+    size_t stride = (size_t)width * (size_t)job->channels;
     if (job->out != NULL) {
         if (job->out_size < stride * height) {
             snprintf(job->message, sizeof(job->message), "out buffer of %zu bytes < %zu for a %ux%u window",
@@ -172,9 +173,10 @@ static int decode_crop(CropJob *job) {
 }
 
 PyDoc_STRVAR(crop_doc,
-"crop(data, denom, x0, y0, x1, y1, out=None) -> (pixels, left, top, width, height, image_width, image_height)\n\n"
+"crop(data, denom, x0, y0, x1, y1, out=None, channels=4)\n"
+"    -> (pixels, left, top, width, height, image_width, image_height)\n\n"
 "Decode the window [x0, x1) x [y0, y1) of the JPEG `data` at scale 1/denom (1, 2, 4 or 8).\n"
-"`pixels` holds RGBX rows (width * 4 bytes each) from its start: `out` itself when given (a writable buffer,\n"
+"`pixels` holds rows of width * channels bytes (RGBX for 4, RGB for 3) from its start: `out` itself when given (a writable buffer,\n"
 "reused from call to call; ValueError when it is too small), else new bytes. The window is widened on the left and right to whole\n"
 "iMCU columns: (left, top, width, height) is what was decoded, in coordinates of the scaled image of size\n"
 "image_width x image_height. Every pixel of the requested window equals a full decode's; the first and last\n"
@@ -188,8 +190,15 @@ static PyObject *crop(PyObject *Py_UNUSED(self), PyObject *args) {
     CropJob job;
     int rc;
     memset(&job, 0, sizeof(job));
-    if (!PyArg_ParseTuple(args, "y*iiiii|O", &view, &job.denom, &job.x0, &job.y0, &job.x1, &job.y1, &out_obj))
+    job.channels = 4;
+    if (!PyArg_ParseTuple(args, "y*iiiii|Oi", &view, &job.denom, &job.x0, &job.y0, &job.x1, &job.y1, &out_obj,
+                          &job.channels))
         return NULL;
+    if (job.channels != 3 && job.channels != 4) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "channels must be 3 (RGB) or 4 (RGBX), got %d", job.channels);
+        return NULL;
+    }
     if (job.denom != 1 && job.denom != 2 && job.denom != 4 && job.denom != 8) {
         PyBuffer_Release(&view);
         PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", job.denom);
@@ -218,7 +227,8 @@ static PyObject *crop(PyObject *Py_UNUSED(self), PyObject *args) {
         Py_INCREF(out_obj);
         pixels = out_obj;
     } else {
-        pixels = PyBytes_FromStringAndSize((const char *)job.pixels, (Py_ssize_t)job.width * 4 * job.height);
+        pixels = PyBytes_FromStringAndSize((const char *)job.pixels,
+                                           (Py_ssize_t)job.width * job.channels * job.height);
         release_pixels(&job);
         if (pixels == NULL) return NULL;
     }
@@ -227,7 +237,8 @@ static PyObject *crop(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 PyDoc_STRVAR(header_doc,
-"header(data) -> (width, height) of a JPEG this module decodes (YCbCr, RGB or grayscale), else None.");
+"header(data) -> (width, height, components) of a JPEG this module decodes (YCbCr or RGB: 3 components,\n"
+"grayscale: 1), else None (CMYK, YCCK, not a JPEG).");
 
 static PyObject *header(PyObject *Py_UNUSED(self), PyObject *arg) {
     Py_buffer view;
@@ -235,6 +246,7 @@ static PyObject *header(PyObject *Py_UNUSED(self), PyObject *arg) {
     ErrorManager err;
     volatile int ok = 0;
     volatile JDIMENSION width = 0, height = 0;
+    volatile int components = 0;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0) return NULL;
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
@@ -249,11 +261,12 @@ static PyObject *header(PyObject *Py_UNUSED(self), PyObject *arg) {
              cinfo.jpeg_color_space == JCS_RGB;
         width = cinfo.image_width;
         height = cinfo.image_height;
+        components = cinfo.num_components;
     }
     jpeg_destroy_decompress(&cinfo);
     PyBuffer_Release(&view);
     if (!ok) Py_RETURN_NONE;
-    return Py_BuildValue("(II)", width, height);
+    return Py_BuildValue("(IIi)", width, height, components);
 }
 
 static PyMethodDef methods[] = {

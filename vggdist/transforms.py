@@ -208,9 +208,9 @@ def _check_window(sw: int, sh: int, s: int, left: int, top: int, crop: int) -> N
 
 def _window_header(data: bytes) -> tuple[int, int] | None:
     """(width, height) when the window decoder can decode `data` to RGB, else None (not built, CMYK, not a JPEG)."""
-    if _jpegcrop is None:
+    if _jpegcrop is None or (header := _jpegcrop.header(data)) is None:
         return None
-    return _jpegcrop.header(data)
+    return header[0], header[1]
 
 
 def _window_crop(
