@@ -2,7 +2,8 @@
 
 Both build against the system libjpeg-turbo headers, the same ones pillow-simd needs (Debian/Ubuntu
 ``libjpeg-dev``, RHEL/Fedora ``libjpeg-turbo-devel``). They are optional: without a compiler or the headers the
-install still succeeds and the pure-Python code runs instead, slower (``vggdist doctor`` says which is in use).
+install still succeeds and the pure-Python code runs instead, slower; ``python -c "import vggdist._jpegcrop,
+preprocess._moments"`` says whether they were built.
 """
 
 from setuptools import Extension, setup

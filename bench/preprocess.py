@@ -8,7 +8,8 @@ Inputs are generated ImageNet-like JPEGs (q90): 500×375 (the typical ImageNet s
   deliver besides shards, done the straightforward way: decode every written JPEG again and accumulate the RGB
   sums and Σxxᵀ in float64 numpy over the (N, 3) pixel array.
 - ours: ``preprocess.images.to_jpeg`` (header checks, original bytes kept when allowed, DCT-domain draft
-  decoding, decode of the stored bytes) plus ``preprocess.stats.RGBMoments.add_image`` (exact integer moments);
+  decoding, decode of the stored bytes; the decodes through ``vggdist._jpegcrop`` when it is built) plus
+  ``preprocess.stats.RGBMoments.add_image`` (exact integer moments, in C when ``preprocess._moments`` is built);
   the end-to-end row runs ``run_shard_job`` (serial path) on a tar of the mixed corpus against a naive loop that
   reads the same tar, writes the same tar layout and computes the same statistics.
 
@@ -31,6 +32,8 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Row, parser, report  # noqa: E402
+from preprocess import images as images_mod  # noqa: E402
+from preprocess import stats as stats_mod  # noqa: E402
 from preprocess.images import ImageLimits, to_jpeg  # noqa: E402
 from preprocess.shards import ShardJob, run_shard_job  # noqa: E402
 from preprocess.stats import RGBMoments  # noqa: E402
@@ -181,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{n_small} × 500x375 ({kb['500x375']:.0f} kB) + {n_large} × 1600x1200 ({kb['1600x1200']:.0f} kB), q{QUALITY},"
         f" max side {MAX_SIDE}; per core = images / CPU seconds of one process",
         "image path: naive decode/resize/re-encode vs ours incl. its exact stats; stage: both incl. stats",
+        "C extensions: vggdist._jpegcrop "
+        + ("built" if images_mod._jpegcrop is not None else "NOT built (Pillow decodes)")
+        + ", preprocess._moments "
+        + ("built" if stats_mod._rgb_moments is not None else "NOT built (numpy sums)"),
         f"wall time of the whole benchmark: {time.perf_counter() - t0:.1f} s",
     ]
     report("preprocess: images/s per core, naive baseline vs vggdist-preprocess", rows, args.json, notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,18 @@ def test_counts_and_steps():
     D.check_eval_count(50_000, 50_000)
     with pytest.raises(D.EvalCountError, match="counted 49999 images but the manifest lists 50000"):
         D.check_eval_count(49_999, 50_000)
+
+
+def test_decoder_choice_reaches_the_crops_and_a_missing_extension_is_said(uneven, monkeypatch, caplog):
+    from vggdist import transforms as T
+
+    runs = {
+        name: torch.cat([im for im, _ in run_train(uneven[0], rank=0, steps=3, cfg=replace(CFG, decoder=name))])
+        for name in ("auto", "window", "simplejpeg", "pil")
+    }
+    for name in ("window", "simplejpeg", "pil"):  # same draws, same pixels up to the documented rounding
+        assert (runs[name].int() - runs["auto"].int()).abs().max() <= 2
+    monkeypatch.setattr(T, "_jpegcrop", None)
+    with caplog.at_level("WARNING", logger="vggdist.data"):
+        run_train(uneven[0], rank=0, steps=1)
+    assert "window JPEG decoder) is not built" in caplog.text and "pip install --no-deps -e ." in caplog.text

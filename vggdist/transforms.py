@@ -10,30 +10,39 @@ CPU side, one JPEG at a time, producing uint8 tensors (3, H, W) and nothing bigg
   would, so this is the same operation as rescale-then-crop, not an approximation (tests check it).
   When the stored image is at least 2× larger than S-space, the JPEG is decoded directly at 1/2, 1/4 or 1/8
   size in the DCT domain (`Image.draft`), never below the S-space size, so resampling only ever downsizes.
-  With `simplejpeg` installed (a dependency; libjpeg-turbo 3 bundled) the training crop decodes with it
-  instead of PIL: same accurate integer IDCT and fancy upsampling, same 1/2–1/8 choice, decoded as RGBX
-  (Pillow's own RGB layout) into a reused buffer that Pillow resamples in place, so the output is the PIL
-  route's bit for bit (tests allow 1 grey level for other libjpeg-turbo builds). Without it, or for a JPEG
-  it cannot read (CMYK, not a JPEG), the PIL route runs. See "Decoder choices" below.
+  Three decoders produce the same crop from the same random draws (`decoder=` / `data.decoder`; "auto" takes
+  the first that applies to the file):
+  1. **window** (`vggdist._jpegcrop`, a small C extension over the system libjpeg-turbo, built at install
+     time): decodes only the pixels the resampling reads — the box plus the bilinear filter's support. Rows
+     above the window are entropy-decoded but skip IDCT and colour conversion (``jpeg_skip_scanlines``), rows
+     below it are never read, and columns outside it skip IDCT / upsampling / colour conversion
+     (``jpeg_crop_scanline``); the same 1/2–1/8 DCT scale as the draft. Its decoded pixels are a full decode's
+     bit for bit (tests); the box, moved into the window's coordinates, rounds differently in the last bit,
+     which changes ~0.1 % of output values by 1–2 grey levels.
+  2. **simplejpeg** (a dependency; libjpeg-turbo 3 bundled): the whole image at the same DCT scale, as RGBX
+     (Pillow's own RGB layout) into a reused buffer Pillow resamples in place: the PIL route's pixels.
+  3. **pil**: `Image.draft` + Pillow's decoder. It also serves every file the others decline (CMYK, PNG,
+     anything libjpeg warns about, e.g. truncated data, where Pillow's own policy then applies).
 - `center_crop_jpeg` (per-epoch single-scale validation at Q) and `decode_rescaled` (whole image, smallest side
   Q, for dense / multi-crop evaluation in vggdist.evaluate).
 
 Decoder choices for the training crop (bench/loader.py; jitter [256, 512], 224 crop, photo-like q90 JPEGs of
-500×375 … 683×512, one core, CPU time; naive torchvision ≈ 335–346 img/s on the same run):
+500×375 … 683×512, one core, CPU time; naive torchvision ≈ 280–340 img/s on the same runs):
 
-- simplejpeg, exact (kept): 1.07–1.08× the PIL route in A/B runs (its decode alone: 1.11–1.13× PIL's
-  `load()`; ~1.0–1.05× when it wrote into a fresh array and a 230² window was copied out for Pillow).
+- window decoder (kept, the default): 1.6–1.7× the PIL route, ~780–800 img/s ≈ 2.5–2.8× naive. The
+  window decode alone runs at ~1,050 img/s (1.65–1.9× a full PIL decode): a jittered 224 crop needs ~30 % of
+  a stored image's pixels on average and ends ~80 % of the way down. What is left is the entropy decoding of
+  the rows down to the window's bottom, which no libjpeg option skips, plus ~0.3 ms of box resampling,
+  packing and collation per image.
+- simplejpeg, exact: 1.07–1.17× the PIL route (its decode alone: 1.11–1.13× PIL's `load()`).
 - fastdct (IFAST IDCT): +3%, but a −0.8 grey-level mean bias and 1.0 mean |Δ| against rescale-then-crop
   (the exact route: 0.45 mean |Δ|, no bias; on bench/loader.py's images); fastupsample (replicated
   chroma): +0–3%, 2.3 mean |Δ|, up to 62 on colour edges; both: +7%. Not equivalent enough: not used.
 - libjpeg-turbo's fractional M/8 scales (7/8 … 3/8, i.e. decoding right at S-space): 0.85× — slower than
   a full decode (the non-power-of-2 inverse DCTs and upsamplers have no SIMD) and 2.1 mean |Δ|: not used.
-- The limit: entropy (Huffman) decoding of every coefficient cannot be skipped by any decode scale. A 1/8
-  decode, nearly nothing but that, runs at 1.47× a full decode — ~1,000 img/s ≈ 3.1× naive — so even a
-  pipeline that only entropy-decoded, with no IDCT, colour conversion or resampling, would just touch 3×.
-  Skipping the rows below the crop (TurboJPEG 3's tj3SetCroppingRegion / libjpeg's skip_scanlines) is not
-  exposed by simplejpeg, PyTurboJPEG ≥ 2 needs TurboJPEG 3 (Debian 12's libturbojpeg0 is 2.1.5), and it
-  would save only the rows under the window (~20% of the entropy work on average). Hence ~1.6× naive.
+- Output packing: the crop leaves Pillow packed to RGB (``tobytes("raw", "RGB")``) into a fresh contiguous
+  array; a 4-byte-strided RGBX view looked cheaper but made `collate_images` 30× slower (0.37 vs 0.012 ms per
+  image).
 
 Device side, batched (`DeviceAugment`): uint8 → float, the PCA colour shift (training only) and mean-RGB
 subtraction (optionally /std), with the statistics of `stats.json`. Doing this on the accelerator keeps the
