@@ -14,6 +14,9 @@ than slots idle slots); a slot whose range starts inside a shard reads, without 
 Every slot checks the shard lengths it sees against manifest.json and raises on a mismatch, and the summed
 count is checked against the manifest by `check_eval_count` before an error rate is reported.
 
+Shards are read by `vggdist.shardio.tar_samples` (the same samples as ``webdataset.tarfile_to_samples``, ~5x
+cheaper per sample on local files); shuffling uses webdataset's buffer.
+
 Data directories: a directory holding one split (its manifest.json says which) or a parent with `train/`
 and `val/` split directories; `split_dir` resolves either. No ray or mlflow imports here.
 """
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vggdist import transforms as T
 from vggdist.config import DataConfig
+from vggdist.shardio import tar_samples
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +230,7 @@ class _TrainStream(IterableDataset):
             while True:
                 yield {"url": urls[int(shard_rng.integers(len(urls)))]}
 
-        samples = wds.tarfile_to_samples()(shard_draws())  # {"__key__", "__url__", "jpg", "cls", "json"}
+        samples = tar_samples(shard_draws())  # {"__key__", "__url__", "jpg", "cls", "json"}
         bufsize = self.cfg.shuffle_buffer
         if bufsize > 1:  # raw samples (JPEG bytes) are buffered; decoding happens after the shuffle
             samples = wds.shuffle(bufsize, initial=bufsize, rng=shuffle_rng)(samples)
@@ -359,7 +363,7 @@ class _EvalStream(IterableDataset):
             if start <= lo or first >= hi:
                 continue  # no sample of this shard is ours
             n = 0
-            for i, sample in enumerate(wds.tarfile_to_samples()([{"url": url}])):
+            for i, sample in enumerate(tar_samples([{"url": url}])):
                 if i >= count:
                     raise DataError(
                         f"{url} holds more than the {count} samples manifest.json lists; "

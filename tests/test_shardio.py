@@ -1,0 +1,101 @@
+"""vggdist.shardio: the fast tar reader yields exactly what webdataset.tarfile_to_samples yields."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from vggdist.shardio import TarError, iter_members, tar_samples
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, **kw) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _shard(path, fmt=tarfile.PAX_FORMAT, extra=()) -> str:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i in range(5):
+            key = f"n0144_{i:05d}"
+            _add(tar, f"{key}.jpg", bytes([i]) * (100 + 700 * i))  # sizes across block boundaries
+            _add(tar, f"{key}.cls", str(i).encode())
+            _add(tar, f"{key}.JSON", b"{}")  # extension lower-cased, as webdataset does
+        for name, data in extra:
+            _add(tar, name, data)
+    return str(path)
+
+
+def _wds(url: str) -> list[dict]:
+    return list(wds.tarfile_to_samples()([{"url": url}]))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_same_samples_as_webdataset(tmp_path, fmt):
+    long_dir = "d" * 120  # needs the ustar prefix, a GNU long name or a pax path, depending on the format
+    extra = [
+        (f"{long_dir}/n0145_00001.jpg", b"x" * 600),
+        (f"{long_dir}/n0145_00001.cls", b"7"),
+        ("__index__", b"meta"),  # webdataset skips these
+        ("README", b"no extension"),
+        ("sub/.hidden", b"key sub/"),  # webdataset's regex makes "sub/" the key here
+        ("a.b/.c", b"no key"),
+        ("n0146.v2.tar.gz", b"multi-dot extension"),
+    ]
+    url = _shard(tmp_path / "s.tar", fmt, extra)
+    ours = list(tar_samples([{"url": url}]))
+    assert ours == _wds(url)
+    assert [s["__key__"] for s in ours][-3:] == [f"{long_dir}/n0145_00001", "sub/", "n0146"]
+    assert ours[0]["json"] == b"{}" and ours[-1]["v2.tar.gz"] == b"multi-dot extension"
+
+
+def test_samples_do_not_merge_across_shards_and_non_files_are_skipped(tmp_path):
+    a = _shard(tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        d = tarfile.TarInfo("n0144_00004")  # a directory whose name equals a key of shard a's last sample
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        _add(tar, "n0144_00004.txt", b"second shard")
+        _add(tar, "link.jpg", b"", type=tarfile.SYMTYPE, linkname="n0144_00004.txt")
+    b = str(tmp_path / "b.tar")
+    ours = list(tar_samples([{"url": a}, {"url": b}]))
+    assert ours == _wds(a) + _wds(b)
+    assert ours[-1] == {"__key__": "n0144_00004", "__url__": b, "txt": b"second shard"}
+
+
+def test_corrupt_and_truncated_shards_raise(tmp_path):
+    url = _shard(tmp_path / "s.tar")
+    raw = bytearray(open(url, "rb").read())
+    raw[10] ^= 0xFF  # a name byte of the first header: checksum no longer matches
+    (tmp_path / "bad.tar").write_bytes(bytes(raw))
+    with pytest.raises(TarError, match="checksum mismatch"):
+        list(tar_samples([{"url": str(tmp_path / "bad.tar")}]))
+    good = open(url, "rb").read()
+    (tmp_path / "short.tar").write_bytes(good[:1000])
+    with pytest.raises(TarError, match="truncated member"):
+        list(tar_samples([{"url": str(tmp_path / "short.tar")}]))
+    with pytest.raises(TarError, match="truncated tar header"):
+        list(iter_members(io.BytesIO(good[:512 + 512 + 100]), "x"))  # first member whole, then 100 bytes
+
+
+def test_duplicate_member_in_a_sample_is_an_error(tmp_path):
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        _add(tar, "k.jpg", b"1")
+        _add(tar, "k.jpg", b"2")
+    with pytest.raises(TarError, match="appears twice"):
+        list(tar_samples([{"url": str(tmp_path / "dup.tar")}]))
+
+
+def test_non_local_urls_go_to_webdataset(tmp_path):
+    url = _shard(tmp_path / "s.tar")
+    assert list(tar_samples([{"url": f"pipe:cat {url}"}])) == [
+        {**s, "__url__": f"pipe:cat {url}"} for s in _wds(url)
+    ]
+    assert list(tar_samples([{"url": f"file://{url}"}])) == [
+        {**s, "__url__": f"file://{url}"} for s in _wds(url)
+    ]

@@ -1,0 +1,133 @@
+"""Reading WebDataset tar shards as samples, fast: the first stage of every loader in vggdist.data.
+
+``webdataset.tarfile_to_samples`` goes through Python's `tarfile`, which parses each 512-byte header field by
+field (~0.2 ms per sample of three members, ~20 % of a training worker's time once JPEG decoding is cheap).
+Shards are plain uncompressed tars, so `tar_samples` reads local shard files itself: one ``read`` per header,
+the numeric fields parsed straight from the header bytes, the header checksum verified, and the same grouping
+rule as webdataset (members with the same key in a row form one sample; key = the path up to the first dot of
+the file name, extension lower-cased). It yields exactly what ``webdataset.tarfile_to_samples`` yields for
+the same shard (`{"__key__", "__url__", ext: bytes, ...}`; tests compare the two), understands the ustar name
+prefix, pax ``path`` records and GNU long names, and skips directories, other non-file members and
+webdataset's ``__…__`` metadata members.
+Anything that is not a local file (``pipe:…``, ``s3://…``, ``http…``) goes to webdataset unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+import webdataset as wds
+
+__all__ = ["TarError", "iter_members", "tar_samples"]
+
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular file (old, ustar, contiguous)
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped metadata members (e.g. __index__)
+
+
+class TarError(ValueError):
+    """A shard that is not a well-formed tar (bad checksum, truncated member, bad size field)."""
+
+
+def _number(field: bytes, what: str, url: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes ≥ 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarError(f"{url}: bad {what} field {field!r} in a tar header") from None
+
+
+def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file in an uncompressed tar stream, in order."""
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            if header:
+                raise TarError(f"{url}: truncated tar header; re-run preprocessing or `vggdist-preprocess verify`")
+            return
+        if header.count(0) == _BLOCK:  # end-of-archive marker
+            return
+        stored = _number(header[148:156], "checksum", url)
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:  # checksum field counted as spaces
+            raise TarError(f"{url}: tar header checksum mismatch; the shard is corrupt (`vggdist-preprocess verify`)")
+        size = _number(header[124:136], "size", url)
+        data = stream.read(size)
+        if len(data) < size:
+            raise TarError(f"{url}: truncated member ({len(data)} of {size} bytes)")
+        pad = -size % _BLOCK
+        if pad and len(stream.read(pad)) < pad:
+            raise TarError(f"{url}: truncated member (its padding is cut short)")
+        kind = header[156:157]
+        if kind in _FILE_TYPES:
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    name = f"{prefix}/{name}"
+            yield name, data
+        elif kind == b"L":  # GNU long name for the next member
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == b"x":  # pax extended header for the next member: "<len> <key>=<value>\n" records
+            long_name = _pax_path(data) or long_name
+        # directories, links, global pax headers ("g") and the rest carry no sample data
+
+
+def _pax_path(data: bytes) -> str | None:
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
+
+
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext, edge cases included
+
+
+def _split_key(name: str) -> tuple[str, str] | None:
+    """(key, lower-cased extension) by webdataset's rule (key = the path up to the first dot of the file name);
+    None for a name it does not split (no extension)."""
+    match = _KEY.match(name)
+    return None if match is None else (match.group(1), match.group(2).lower())
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return url if "://" not in url and not url.startswith("pipe:") and os.path.isfile(url) else None
+
+
+def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
+    """Samples of each shard in `sources` (dicts with a "url", as webdataset's shard lists): one dict per key."""
+    for source in sources:
+        url = source["url"]
+        path = _local_path(url)
+        if path is None:
+            yield from wds.tarfile_to_samples()([source])
+            continue
+        sample: dict | None = None
+        with open(path, "rb", buffering=1 << 20) as stream:
+            for name, data in iter_members(stream, url):
+                split = None if name.startswith("__") and _META.match(name) else _split_key(name)
+                if split is None:
+                    continue
+                key, ext = split
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                if ext in sample:
+                    raise TarError(f"{url}: member {name} appears twice in sample {key}")
+                sample[ext] = data
+        if sample is not None:
+            yield sample
