@@ -370,6 +370,28 @@ def test_window_decoder_runs_in_threads_without_the_gil():
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
+@needs_window
+@pytest.mark.parametrize("size, q", [((500, 375), 256), ((375, 500), 384), ((683, 512), 224), ((2048, 1536), 256)])
+def test_center_crop_decodes_the_window_and_matches_the_pil_route(size, q, monkeypatch):
+    data = photo_jpeg(*size)
+    ours = as_i16(T.center_crop_jpeg(data, q, 224))
+    monkeypatch.setattr(T, "_jpegcrop", None)
+    pil = as_i16(T.center_crop_jpeg(data, q, 224))
+    assert np.abs(ours - pil).max() <= 2 and np.abs(ours - pil).mean() < 0.02
+
+
+@needs_window
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (2048, 1536), (3000, 400)])
+def test_decode_rescaled_through_the_window_decoder_equals_the_pil_route(size, monkeypatch):
+    data = photo_jpeg(*size)
+    # q=None decodes first; had it returned a view of the reused decode buffer, the later decodes would have
+    # overwritten it before the comparison below
+    ours = {q: T.decode_rescaled(data, q) for q in (None, 224, 384, 512)}
+    monkeypatch.setattr(T, "_jpegcrop", None)
+    for q, got in ours.items():
+        assert torch.equal(got, T.decode_rescaled(data, q)), q  # same decoded pixels, same box: bit-exact
+
+
 def test_non_rgb_jpeg_comes_out_rgb():
     buf = io.BytesIO()
     Image.new("L", (300, 260), 77).save(buf, "JPEG")

@@ -24,7 +24,8 @@ CPU side, one JPEG at a time, producing uint8 tensors (3, H, W) and nothing bigg
   3. **pil**: `Image.draft` + Pillow's decoder. It also serves every file the others decline (CMYK, PNG,
      anything libjpeg warns about, e.g. truncated data, where Pillow's own policy then applies).
 - `center_crop_jpeg` (per-epoch single-scale validation at Q) and `decode_rescaled` (whole image, smallest side
-  Q, for dense / multi-crop evaluation in vggdist.evaluate).
+  Q, for dense / multi-crop evaluation in vggdist.evaluate). Both decode with the window decoder when it
+  applies (the central box; the whole image, bit-identical to the PIL route), else with PIL.
 
 Decoder choices for the training crop (bench/loader.py; jitter [256, 512], 224 crop, photo-like q90 JPEGs of
 500×375 … 683×512, one core, CPU time; naive torchvision ≈ 280–340 img/s on the same runs):
@@ -362,8 +363,16 @@ def train_crop_jpeg(
 def center_crop_jpeg(data: bytes, q: int, crop: int) -> torch.Tensor:
     """§3.2 single-scale test crop: rescale to smallest side Q, central crop × crop window → uint8 (3, crop, crop).
 
-    The window is placed like torchvision's CenterCrop (offset rounded from (size − crop) / 2).
+    The window is placed like torchvision's CenterCrop (offset rounded from (size − crop) / 2). Decoded by the
+    window decoder when it applies (only the central box is decoded), else by PIL.
     """
+    size = _window_header(data)
+    if size is not None:
+        sw, sh = scaled_size(*size, q)
+        left, top = int(round((sw - crop) / 2.0)), int(round((sh - crop) / 2.0))
+        out = _window_crop(data, *size, q, left, top, crop, False)
+        if out is not None:
+            return out
     im = Image.open(io.BytesIO(data))
     sw, sh = scaled_size(im.width, im.height, q)
     return _crop(im, q, int(round((sw - crop) / 2.0)), int(round((sh - crop) / 2.0)), crop, False)
@@ -373,7 +382,26 @@ def decode_rescaled(data: bytes, q: int | None = None) -> torch.Tensor:
     """The whole image rescaled to smallest side Q (or as stored when `q` is None): uint8 (3, H, W).
 
     For dense and multi-crop evaluation (§3.2), which work on whole images; DCT-domain decoding applies here too.
+    Decoded by vggdist._jpegcrop (the whole window) when it applies, else by PIL: the same pixels either way.
     """
+    size = _window_header(data)
+    if size is not None:
+        w, h = size
+        sw, sh = (w, h) if q is None else scaled_size(w, h, q)
+        k = _draft_denom(w, h, sw, sh)
+        dw, dh = -(-w // k), -(-h // k)
+        buf = getattr(_TURBO_BUFFER, "window", None)
+        if buf is None or buf.size < dw * dh * 4:
+            buf = _TURBO_BUFFER.window = np.empty(dw * dh * 4, dtype=np.uint8)
+        try:
+            _jpegcrop.crop(data, k, 0, 0, -1, -1, buf)
+        except ValueError:
+            pass  # Pillow's route below decides
+        else:
+            im = Image.frombuffer("RGBX", (dw, dh), buf[: dw * dh * 4], "raw", "RGBX", 0, 1)
+            if (dw, dh) != (sw, sh):  # the same box as the PIL route's draft (w / k, h / k)
+                im = im.resize((sw, sh), _BILINEAR, box=(0, 0, w / k, h / k))
+            return _rgbx_to_chw(im)  # a copy: never a view of the reused buffer
     im = Image.open(io.BytesIO(data))
     if q is None:
         return _to_chw(_decode_at(im, im.size)[0])
