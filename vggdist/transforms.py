@@ -216,6 +216,35 @@ def _check_window(sw: int, sh: int, s: int, left: int, top: int, crop: int) -> N
         raise ValueError(f"a {crop}x{crop} crop at ({left}, {top}) does not fit the {sw}x{sh} image at S={s}")
 
 
+def _decode_plan(
+    w: int, h: int, s: int, left: int, top: int, crop: int
+) -> tuple[int, tuple[float, float, float, float]]:
+    """For a crop of the w × h stored image at scale S: the DCT scale 1/k to decode at, and the crop's box in
+    decoded coordinates (decoded = stored / k). Raises when the window does not fit."""
+    sw, sh = scaled_size(w, h, s)
+    _check_window(sw, sh, s, left, top, crop)
+    k = _draft_denom(w, h, sw, sh)
+    fx, fy = w / (k * sw), h / (k * sh)  # S-space → decoded coordinates (per axis: scaled_size rounds)
+    return k, (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
+
+
+def _buffer(name: str, size: int) -> np.ndarray:
+    """This thread's reused uint8 decode buffer `name`, at least `size` bytes (grown, never shrunk)."""
+    buf = getattr(_TURBO_BUFFER, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=np.uint8)
+        setattr(_TURBO_BUFFER, name, buf)
+    return buf
+
+
+def _resample(im: Image.Image, crop: int, box: tuple[float, ...], flip: bool) -> torch.Tensor:
+    """Box `box` of the decoded RGBX image → crop × crop (antialiased bilinear), mirrored when `flip`."""
+    out = im.resize((crop, crop), _BILINEAR, box=box)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _rgbx_to_chw(out)
+
+
 def _window_header(data: bytes) -> tuple[int, int] | None:
     """(width, height) when the window decoder can decode `data` to RGB, else None (not built, CMYK, not a JPEG)."""
     if _jpegcrop is None or (header := _jpegcrop.header(data)) is None:
@@ -227,11 +256,7 @@ def _window_crop(
     data: bytes, w: int, h: int, s: int, left: int, top: int, crop: int, flip: bool
 ) -> torch.Tensor | None:
     """`_crop` through vggdist._jpegcrop: decode only the pixels the resampling reads; None when it cannot."""
-    sw, sh = scaled_size(w, h, s)
-    _check_window(sw, sh, s, left, top, crop)
-    k = _draft_denom(w, h, sw, sh)
-    fx, fy = w / (k * sw), h / (k * sh)  # S-space → decoded coordinates (decoded = stored / k)
-    box = (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
+    k, box = _decode_plan(w, h, s, left, top, crop)
     # Pillow's bilinear filter reads up to max(1, box side / crop) pixels either side of an output pixel's
     # centre (it is widened when downsizing); decode the box plus that margin, plus one for rounding
     mx, my = max(1.0, (box[2] - box[0]) / crop), max(1.0, (box[3] - box[1]) / crop)
@@ -242,10 +267,7 @@ def _window_crop(
         math.ceil(box[3] + my) + 1,
     )
     # decoded straight into this thread's reused buffer (sized for the whole decoded image, so always enough)
-    size = -(-w // k) * -(-h // k) * 4
-    buf = getattr(_TURBO_BUFFER, "window", None)
-    if buf is None or buf.size < size:
-        buf = _TURBO_BUFFER.window = np.empty(size, dtype=np.uint8)
+    buf = _buffer("window", -(-w // k) * -(-h // k) * 4)
     try:
         _, x0, y0, ww, wh, _, _ = _jpegcrop.crop(data, k, *window, buf)
     except ValueError:  # damaged data (libjpeg warnings included): Pillow's route decides what happens
@@ -253,10 +275,7 @@ def _window_crop(
     # the same resampling as the full-image routes, with the box moved into the window's coordinates; the
     # window holds every pixel the filter reads, and the image's own edges are the window's edges there
     im = Image.frombuffer("RGBX", (ww, wh), buf[: ww * wh * 4], "raw", "RGBX", 0, 1)
-    out = im.resize((crop, crop), _BILINEAR, box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _rgbx_to_chw(out)
+    return _resample(im, crop, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0), flip)
 
 
 def window_crop(
@@ -284,13 +303,9 @@ def _turbo_crop(
     data: bytes, w: int, h: int, s: int, left: int, top: int, crop: int, flip: bool
 ) -> torch.Tensor | None:
     """`_crop` with simplejpeg as the decoder (w × h from `_turbo_header`); None when it cannot decode."""
-    sw, sh = scaled_size(w, h, s)
-    _check_window(sw, sh, s, left, top, crop)
-    k = _draft_denom(w, h, sw, sh)
+    k, box = _decode_plan(w, h, s, left, top, crop)
     dw, dh = -(-w // k), -(-h // k)
-    buf = getattr(_TURBO_BUFFER, "array", None)
-    if buf is None or buf.size < dw * dh * 4:
-        buf = _TURBO_BUFFER.array = np.empty(dw * dh * 4, dtype=np.uint8)
+    buf = _buffer("array", dw * dh * 4)
     try:
         arr = simplejpeg.decode_jpeg(data, "RGBX", min_width=dw, min_height=dh, buffer=buf[: dw * dh * 4])
     except ValueError:
@@ -298,14 +313,8 @@ def _turbo_crop(
     if arr.shape != (dh, dw, 4):  # a scale other than 1/k: stay exact through PIL instead
         return None
     # RGBX is Pillow's own layout for RGB: the image is a view of `buf` (no copy), resampled exactly as the
-    # PIL route does (same decoded pixels, same box), then packed to RGB
-    im = Image.frombuffer("RGBX", (dw, dh), arr, "raw", "RGBX", 0, 1)
-    fx, fy = w / (k * sw), h / (k * sh)  # S-space → decoded coordinates (decoded = stored / k)
-    box = (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
-    out = im.resize((crop, crop), _BILINEAR, box=box).convert("RGB")
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_chw(out)
+    # PIL route does (same decoded pixels, same box)
+    return _resample(Image.frombuffer("RGBX", (dw, dh), arr, "raw", "RGBX", 0, 1), crop, box, flip)
 
 
 def turbo_crop(
@@ -390,9 +399,7 @@ def decode_rescaled(data: bytes, q: int | None = None) -> torch.Tensor:
         sw, sh = (w, h) if q is None else scaled_size(w, h, q)
         k = _draft_denom(w, h, sw, sh)
         dw, dh = -(-w // k), -(-h // k)
-        buf = getattr(_TURBO_BUFFER, "window", None)
-        if buf is None or buf.size < dw * dh * 4:
-            buf = _TURBO_BUFFER.window = np.empty(dw * dh * 4, dtype=np.uint8)
+        buf = _buffer("window", dw * dh * 4)
         try:
             _jpegcrop.crop(data, k, 0, 0, -1, -1, buf)
         except ValueError:
