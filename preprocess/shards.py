@@ -29,13 +29,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import random
 import re
-import tarfile
 import time
 import uuid
 from collections import Counter
@@ -46,6 +44,7 @@ from pathlib import Path
 from preprocess import stats as stats_mod
 from preprocess.images import ImageLimits, Rejected, to_jpeg
 from preprocess.sources import ByteReader, Item, Listing, list_source
+from vggdist.shardio import TarWriter
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +140,7 @@ def plan_shards(listing: Listing, split: str, seed: int, samples_per_shard: int)
 
 
 class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what passes through (tarfile needs write and tell)."""
+    """A write-only file wrapper that hashes and counts what passes through."""
 
     def __init__(self, f) -> None:
         self._f, self.sha256, self.bytes = f, hashlib.sha256(), 0
@@ -156,13 +155,6 @@ class _HashingWriter:
         return self.bytes
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # mtime 0, uid/gid 0, no owner names: identical bytes on every run
-    info.size = len(data)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(
     out_dir: str, task: ShardTask, limits: ImageLimits, on_image: Callable[[], None] | None = None
 ) -> dict:
@@ -175,7 +167,8 @@ def write_shard(
     sleep_s = float(os.environ.get(_TEST_SLEEP_ENV, "0") or 0)
     with open(tmp, "wb") as raw, ByteReader() as reader:
         hw = _HashingWriter(raw)
-        with tarfile.open(fileobj=hw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        # what tarfile (PAX format) would write, byte for byte, ~10x cheaper per member (vggdist.shardio)
+        with TarWriter(hw) as tar:
             for item, cls in task.items:
                 if sleep_s:
                     time.sleep(sleep_s)
@@ -195,9 +188,9 @@ def write_shard(
                         "width": enc.width,
                         "height": enc.height,
                     }
-                    _add_member(tar, f"{item.key}.jpg", enc.jpeg)
-                    _add_member(tar, f"{item.key}.cls", str(cls).encode())
-                    _add_member(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                    tar.add(f"{item.key}.jpg", enc.jpeg)
+                    tar.add(f"{item.key}.cls", str(cls).encode())
+                    tar.add(f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
                     moments.add_image(enc.pixels)
                     keys.append(item.key)
                     reencoded += enc.reencoded

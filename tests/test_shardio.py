@@ -99,3 +99,32 @@ def test_non_local_urls_go_to_webdataset(tmp_path):
     assert list(tar_samples([{"url": f"file://{url}"}])) == [
         {**s, "__url__": f"file://{url}"} for s in _wds(url)
     ]
+
+
+def test_tar_writer_writes_what_tarfile_writes_byte_for_byte(tmp_path):
+    from vggdist.shardio import TarWriter
+
+    members = [
+        ("n01440764_10026.jpg", b"\xff\xd8" + bytes(range(256)) * 40),  # crosses block boundaries
+        ("n01440764_10026.cls", b"0"),
+        ("n01440764_10026.json", b'{"wnid": "n01440764"}'),
+        ("empty.txt", b""),
+        ("exactly512.bin", b"x" * 512),
+        ("a" * 100 + ".jpg", b"long name: pax header"),
+        ("x" * 96 + ".cls", b"exactly 100 bytes of name"),
+        ("caf\u00e9/\u00e9t\u00e9_1.jpg", b"non-ASCII: pax header"),
+    ]
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    ours = io.BytesIO()
+    with TarWriter(ours) as w:
+        for name, data in members:
+            w.add(name, data)
+    assert ours.getvalue() == ref.getvalue()
+    assert len(ours.getvalue()) % tarfile.RECORDSIZE == 0
+    with tarfile.open(fileobj=io.BytesIO(ours.getvalue())) as tar:  # and tarfile reads it back
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == members

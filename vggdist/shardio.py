@@ -1,4 +1,5 @@
-"""Reading WebDataset tar shards as samples, fast: the first stage of every loader in vggdist.data.
+"""Reading and writing WebDataset tar shards, fast: the first stage of every loader in vggdist.data, and the
+shard writer of `vggdist-preprocess`.
 
 ``webdataset.tarfile_to_samples`` goes through Python's `tarfile`, which parses each 512-byte header field by
 field (~0.2 ms per sample of three members, ~20 % of a training worker's time once JPEG decoding is cheap).
@@ -10,17 +11,22 @@ the same shard (`{"__key__", "__url__", ext: bytes, ...}`; tests compare the two
 prefix, pax ``path`` records and GNU long names, and skips directories, other non-file members and
 webdataset's ``__…__`` metadata members.
 Anything that is not a local file (``pipe:…``, ``s3://…``, ``http…``) goes to webdataset unchanged.
+
+`TarWriter` writes what ``tarfile.open(mode="w", format=tarfile.PAX_FORMAT)`` writes for the same members (mode
+0644, mtime 0, no owners), byte for byte (tests compare), at ~10 µs instead of ~120 µs per member: short ASCII
+names fill a header template; anything else (long or non-ASCII names) gets tarfile's own pax header.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Iterator
 
 import webdataset as wds
 
-__all__ = ["TarError", "iter_members", "tar_samples"]
+__all__ = ["TarError", "TarWriter", "iter_members", "tar_samples"]
 
 _BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular file (old, ustar, contiguous)
@@ -131,3 +137,51 @@ def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
                 sample[ext] = data
         if sample is not None:
             yield sample
+
+
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)  # mtime 0, uid/gid 0, no owner names: identical bytes on every run
+    info.size = size
+    info.mode = 0o644
+    return info
+
+
+# tarfile's own header for a short ASCII name; `TarWriter.add` changes only name, size and checksum
+_TEMPLATE = _member_info("", 0).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+class TarWriter:
+    """Regular-file members into an uncompressed tar stream `f` (anything with ``write``)."""
+
+    def __init__(self, f) -> None:
+        self._f, self._offset = f, 0
+
+    def add(self, name: str, data: bytes) -> None:
+        raw = name.encode("ascii", "replace")
+        if name.isascii() and len(raw) <= 100 and len(data) < 8**11:
+            header = bytearray(_TEMPLATE)
+            header[: len(raw)] = raw
+            header[124:136] = b"%011o\0" % len(data)
+            header[148:156] = b"        "
+            header[148:155] = b"%06o\0" % sum(header)
+        else:  # a pax header carries the name (or a size of 8 GiB and more), exactly as tarfile writes it
+            header = _member_info(name, len(data)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        pad = -len(data) % _BLOCK
+        self._f.write(header)
+        self._f.write(data)
+        if pad:
+            self._f.write(bytes(pad))
+        self._offset += len(header) + len(data) + pad
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to tarfile's 10 kB record size as tarfile does."""
+        end = 2 * _BLOCK + (-(self._offset + 2 * _BLOCK) % tarfile.RECORDSIZE)
+        self._f.write(bytes(end))
+        self._offset += end
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
