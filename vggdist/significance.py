@@ -172,7 +172,9 @@ def mcnemar(a_correct: Mapping[str, bool], b_correct: Mapping[str, bool]) -> Pai
 def mcnemar_arrays(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> PairedComparison:
     """`mcnemar` for two aligned sequences (the same image at the same position)."""
     if len(a_correct) != len(b_correct) or not a_correct:
-        raise UnpairedError(f"need two aligned, non-empty outcome lists, got {len(a_correct)} and {len(b_correct)}")
+        raise UnpairedError(
+            f"need two aligned, non-empty outcome lists, got {len(a_correct)} and {len(b_correct)}"
+        )
     a_only = b_only = a_err = b_err = 0
     for a, b in zip(a_correct, b_correct, strict=True):
         a, b = bool(a), bool(b)
