@@ -48,21 +48,31 @@ def _number(field: bytes, what: str, url: str) -> int:
 
 
 def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in an uncompressed tar stream, in order."""
+    """(name, data) of each regular file in an uncompressed tar stream, in order.
+
+    Whatever the bytes, this ends: every header advances the stream by at least one block, member data is read in
+    bounded chunks (a corrupt size field cannot make it allocate more than the stream holds), and a malformed
+    pax record raises `TarError` naming the shard and the member.
+    """
     long_name: str | None = None
+    offset = 0  # of the current header in the stream, for messages
     while True:
         header = stream.read(_BLOCK)
         if len(header) < _BLOCK:
             if header:
-                raise TarError(f"{url}: truncated tar header; re-run preprocessing or `vggdist-preprocess verify`")
+                raise TarError(
+                    f"{url}: truncated tar header; re-run preprocessing or `vggdist-preprocess verify`"
+                )
             return
         if header.count(0) == _BLOCK:  # end-of-archive marker
             return
         stored = _number(header[148:156], "checksum", url)
         if stored != sum(header) - sum(header[148:156]) + 8 * 32:  # checksum field counted as spaces
-            raise TarError(f"{url}: tar header checksum mismatch; the shard is corrupt (`vggdist-preprocess verify`)")
+            raise TarError(
+                f"{url}: tar header checksum mismatch; the shard is corrupt (`vggdist-preprocess verify`)"
+            )
         size = _number(header[124:136], "size", url)
-        data = stream.read(size)
+        data = _read_exactly(stream, size)
         if len(data) < size:
             raise TarError(f"{url}: truncated member ({len(data)} of {size} bytes)")
         pad = -size % _BLOCK
@@ -81,20 +91,60 @@ def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         elif kind == b"L":  # GNU long name for the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":  # pax extended header for the next member: "<len> <key>=<value>\n" records
-            long_name = _pax_path(data) or long_name
+            where = f"{url}: pax header {_header_name(header)!r} at byte {offset}"
+            long_name = _pax_path(data, where) or long_name
         # directories, links, global pax headers ("g") and the rest carry no sample data
+        offset += _BLOCK + size + pad
 
 
-def _pax_path(data: bytes) -> str | None:
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+_CHUNK = 1 << 24  # member data is read in pieces of at most 16 MiB: a corrupt size cannot allocate more
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    """``size`` bytes, or fewer at the end of the stream (never a buffer larger than what the stream holds)."""
+    if size <= _CHUNK:
+        return stream.read(size)
+    parts, left = [], size
+    while left:
+        part = stream.read(min(left, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _header_name(header: bytes) -> str:
+    return header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _pax_path(data: bytes, where: str) -> str | None:
+    """The ``path`` record of a pax extended header (None if it has none). Records are ``"<len> <key>=<value>\n"``
+    with ``<len>`` counting the whole record; anything else raises `TarError` (never loops: each record must
+    advance past its own ``<len> k=\n``)."""
+    pos, path = 0, None
+    while pos < len(data) and data[pos] != 0:  # NUL bytes after the last record are padding
+        space = data.find(b" ", pos, pos + 20)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarError(
+                f"{where}: malformed pax record (no length before byte {pos}); the shard is corrupt"
+            )
+        end = pos + int(digits)
+        if end < space + 4 or end > len(data) or data[end - 1] != 0x0A:  # "<len> " + "k=" + "\n" at least
+            raise TarError(
+                f"{where}: malformed pax record (length {int(digits)} at byte {pos} does not fit the "
+                f"{len(data)}-byte header); the shard is corrupt"
+            )
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq or not key:
+            raise TarError(
+                f"{where}: malformed pax record (no key=value at byte {pos}); the shard is corrupt"
+            )
         if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        pos += length
-    return None
+            path = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return path
 
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext, edge cases included
@@ -165,7 +215,9 @@ class TarWriter:
             header[148:156] = b"        "
             header[148:155] = b"%06o\0" % sum(header)
         else:  # a pax header carries the name (or a size of 8 GiB and more), exactly as tarfile writes it
-            header = _member_info(name, len(data)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+            header = _member_info(name, len(data)).tobuf(
+                tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"
+            )
         pad = -len(data) % _BLOCK
         self._f.write(header)
         self._f.write(data)
