@@ -35,6 +35,7 @@ def test_override_types_and_unknown_keys():
     cfg = preset("paper")
     assert cfg.override(["optim.lr=0.005"]).optim.lr == 0.005
     assert cfg.override(["optim.lr=1"]).optim.lr == 1.0  # int accepted for a float field
+    assert cfg.override(["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 would read "1e-3" as a string
     assert cfg.override(["data.scale_jitter=256,512"]).data.scale_jitter == (256, 512)
     assert cfg.override(["run.bf16=true"]).run.use_bf16 is True
     assert (

@@ -119,6 +119,7 @@ def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env, monkeypatch):
 def test_training_learns_on_real_jpegs(env):
     r = train(_cfg(env, "A", "tiny-A-learn", **{"schedule.epochs": 4, "run.workers": 1}), str(env["data"]))
     assert r.metrics["val/top1_err"] < 50.0, r.metrics  # 4 classes: chance is 75 %
+    assert r.warning is None and "vggdist.warning" not in tracking.get_run(r.run_id, uri=env["uri"])["tags"]
 
 
 def test_uneven_global_batch_is_refused_before_starting(env):
@@ -129,3 +130,21 @@ def test_uneven_global_batch_is_refused_before_starting(env):
 def test_missing_data_names_the_preprocessing_command(env, tmp_path):
     with pytest.raises(ValueError, match="vggdist-preprocess shard --split train"):
         train(_cfg(env, "A", "nodata"), str(tmp_path))
+
+
+def test_a_run_that_cannot_learn_says_so_in_the_log_and_in_mlflow(env):
+    r = train(
+        _cfg(
+            env,
+            "A",
+            "tiny-A-stuck",
+            **{"schedule.epochs": 3, "run.workers": 1, "run.init": "normal", "optim.lr": 1e-12},
+        ),
+        str(env["data"]),
+    )
+    assert r.warning and "--init glorot" in r.warning
+    run = tracking.get_run(r.run_id, uri=env["uri"])
+    assert run["tags"]["vggdist.warning"] == r.warning
+    # the net never started learning (loss ln 4), so the plateau rule held the lr instead of dividing it
+    assert [v for _, v in tracking.metric_history(r.run_id, "lr_drops", uri=env["uri"])] == [0, 0, 0]
+    assert [e["action"] for e in json.loads(run["tags"]["vggdist.lr_schedule"])] == ["hold"]

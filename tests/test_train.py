@@ -7,9 +7,9 @@ import torch
 
 from vggdist import checkpoint as ckpt
 from vggdist.config import OptimConfig, ScheduleConfig, preset
+from vggdist.schedule import LrSchedule
 from vggdist.train import (
     BatchPlan,
-    LrSchedule,
     NonFiniteLossError,
     TrainLoop,
     apply_init,
@@ -75,7 +75,8 @@ def test_lr_divided_by_ten_on_plateau_at_most_three_times():
     s = LrSchedule(
         OptimConfig(lr=0.01), ScheduleConfig(plateau_patience=1, max_lr_drops=3), steps_per_epoch=10
     )
-    drops = [s.observe(e) for e in [50, 40, 40, 40, 39.999, 40, 40, 40, 40, 40, 40, 40, 40]]
+    errs = [50, 40, 40, 40, 39.999, 40, 40, 40, 40, 40, 40, 40, 40]
+    drops = [s.observe(e, epoch=i + 1) is not None for i, e in enumerate(errs)]
     assert sum(drops) == 3 and s.drops == 3
     assert s.lr(1000) == pytest.approx(1e-5)
     assert drops[:4] == [False, False, False, True]  # patience 1: the second epoch without progress drops

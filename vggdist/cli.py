@@ -74,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "run_name": result.run_name,
                 "checkpoint": result.checkpoint,
                 "best_checkpoint": result.best_checkpoint,
+                **({"warning": result.warning} if result.warning else {}),
                 **{k: round(v, 4) for k, v in result.metrics.items()},
             },
             indent=2,

@@ -157,9 +157,12 @@ class ScheduleConfig:
     lr_drop_factor: float = 0.1
     max_lr_drops: int = 3
     samples_per_epoch: int | None = None  # None -> the training manifest's sample count (one pass worth)
+    early_stop: bool = False  # stop at the first plateau after the last lr drop (`epochs` is then a cap)
+    stall_epochs: int = 2  # warn when the training loss stays at ln(K) for this many first epochs (0: off)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "schedule.epochs must be positive (paper: 74)")
+        _check(self.stall_epochs >= 0, "schedule.stall_epochs must be >= 0 (0 turns the stall warning off)")
         _check(self.plateau_patience >= 0, "schedule.plateau_patience must be >= 0")
         _check(0 < self.lr_drop_factor < 1, "schedule.lr_drop_factor must be in (0, 1) (paper: 0.1)")
         _check(self.max_lr_drops >= 0, "schedule.max_lr_drops must be >= 0 (paper: 3)")
@@ -319,6 +322,11 @@ def _parse_value(raw: str) -> Any:
         return None
     if "," in raw and not raw.startswith("["):
         return [_parse_value(p.strip()) for p in raw.split(",")]
+    for number in (int, float):  # YAML 1.1 reads "1e-3" as a string; Python reads it as the number meant
+        try:
+            return number(raw)
+        except ValueError:
+            pass
     return yaml.safe_load(raw)
 
 

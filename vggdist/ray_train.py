@@ -30,6 +30,7 @@ from vggdist import checkpoint as ckpt
 from vggdist import data, tracking
 from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
+from vggdist.runmeta import TAG_LR_SCHEDULE, TAG_WARNING
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
 from vggdist.transforms import DeviceAugment, load_stats
 
@@ -56,6 +57,7 @@ class TrainResult:
     checkpoint: str | None  # latest checkpoint directory (storage path)
     best_checkpoint: str | None
     metrics: dict[str, float]
+    warning: str | None = None  # the stall guard's warning, when training did not learn
 
 
 def data_dirs(data_dir: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -151,6 +153,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
         device=device,
         reduce=_all_reduce_sum,
         is_rank0=rank == 0,
+        num_classes=lc["num_classes"],
     )
 
     resumed = ray.train.get_checkpoint()
@@ -238,7 +241,12 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
                     checkpoint_dir_name=name,
                 )
             tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=lp.epoch)
-            tracker.set_tags({tracking.TAG_CHECKPOINT: f"{lc['storage_root']}/{name}"})
+            tags = {tracking.TAG_CHECKPOINT: f"{lc['storage_root']}/{name}"}
+            if lp.stall_guard.warning:
+                tags[TAG_WARNING] = lp.stall_guard.warning
+            if lp.schedule.events:
+                tags[TAG_LR_SCHEDULE] = json.dumps([e.to_dict() for e in lp.schedule.events])
+            tracker.set_tags(tags)
         else:
             ray.train.report(_score(metrics))
         _maybe_fail(lp.epoch, rank)
@@ -248,7 +256,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
 
     loop.fit(train_batches, val_batches if lc.get("val_dir") else None, on_epoch_end, log_fn=log_step)
     tracker.flush()
-    return {"metrics": last, "mapping": mapping}
+    return {"metrics": last, "mapping": mapping, "warning": loop.stall_guard.warning}
 
 
 def _score(metrics: dict[str, float]) -> dict[str, float]:
@@ -384,6 +392,7 @@ def train(
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         best_checkpoint=best.path if best else None,
         metrics=(result.return_value or {}).get("metrics", {}),
+        warning=(result.return_value or {}).get("warning"),
     )
     tracker.set_tags(
         {tracking.TAG_CHECKPOINT: out.checkpoint or "", "vggdist.best_checkpoint": out.best_checkpoint or ""}

@@ -27,6 +27,8 @@ TAG_INIT_MAPPING = "vggdist.init_mapping"
 TAG_CHECKPOINT = "vggdist.checkpoint"
 TAG_MANIFEST = "vggdist.data_manifest_sha256"
 TAG_CODE_VERSION = "vggdist.code_version"
+TAG_WARNING = "vggdist.warning"  # a training-health warning (e.g. the stall guard's), in words
+TAG_LR_SCHEDULE = "vggdist.lr_schedule"  # JSON list of the lr schedule's decisions, each with its reason
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # nests a sweep stage under the sweep run (MLflow's own tag)
 
 PROTOCOLS = ("single", "dense", "multicrop", "combined")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggdist.checkpoint import unwrap
-from vggdist.config import Config, OptimConfig, ScheduleConfig
+from vggdist.config import Config, OptimConfig
+from vggdist.schedule import DROP, LrSchedule, StallGuard
 
 log = logging.getLogger(__name__)
 
@@ -74,53 +75,6 @@ def batch_plan(optim: OptimConfig, workers: int) -> BatchPlan:
     return BatchPlan(workers, share // accum, accum)
 
 
-class LrSchedule:
-    """lr = base × 0.1^drops, with an optional linear warm-up from base/10 over the first `warmup_epochs`.
-
-    A drop happens when validation top-1 error has not improved by `plateau_threshold` points for `plateau_patience`
-    epochs (§3.1: "decreased by a factor of 10 when the validation set accuracy stopped improving"), at most
-    `max_lr_drops` times (3 in the paper).
-    """
-
-    def __init__(self, optim: OptimConfig, schedule: ScheduleConfig, steps_per_epoch: int):
-        self.base_lr = optim.scaled_lr
-        self.warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
-        self.cfg = schedule
-        self.drops = 0
-        self.best_err = math.inf
-        self.bad_epochs = 0
-
-    def lr(self, step: int) -> float:
-        lr = self.base_lr * self.cfg.lr_drop_factor**self.drops
-        if step < self.warmup_steps:
-            lr *= 0.1 + 0.9 * step / self.warmup_steps
-        return lr
-
-    def observe(self, val_top1_err: float) -> bool:
-        """Record an epoch's validation error; True when this divided the lr."""
-        if val_top1_err < self.best_err - self.cfg.plateau_threshold:
-            self.best_err = val_top1_err
-            self.bad_epochs = 0
-            return False
-        self.bad_epochs += 1
-        if self.bad_epochs > self.cfg.plateau_patience and self.drops < self.cfg.max_lr_drops:
-            self.drops += 1
-            self.bad_epochs = 0
-            log.info("validation error plateaued at %.2f%%: lr divided (drop %d)", self.best_err, self.drops)
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"drops": self.drops, "best_err": self.best_err, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.drops, self.best_err, self.bad_epochs = (
-            int(d["drops"]),
-            float(d["best_err"]),
-            int(d["bad_epochs"]),
-        )
-
-
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.SGD:
     """SGD with momentum; the L2 penalty (weight decay) on all weights and biases, as in the paper's Caffe setup."""
     return torch.optim.SGD(
@@ -152,6 +106,7 @@ class TrainLoop:
         device: torch.device,
         reduce: Reduce | None = None,
         is_rank0: bool = True,
+        num_classes: int | None = None,
     ):
         self.model = model
         self.cfg = cfg
@@ -162,7 +117,9 @@ class TrainLoop:
         self.reduce = reduce or (lambda t: t)
         self.is_rank0 = is_rank0
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.schedule = LrSchedule(cfg.optim, cfg.schedule, steps_per_epoch)
+        num_classes = num_classes or int(getattr(unwrap(model), "num_classes", 0)) or None
+        self.schedule = LrSchedule(cfg.optim, cfg.schedule, steps_per_epoch, num_classes)
+        self.stall_guard = StallGuard(cfg.schedule, cfg.run, cfg.optim, num_classes or 0)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken
         self.memory_format = torch.channels_last if cfg.run.use_channels_last else torch.contiguous_format
@@ -170,11 +127,17 @@ class TrainLoop:
 
     # -- state ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "schedule": self.schedule.state_dict()}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "schedule": self.schedule.state_dict(),
+            "stall_guard": self.stall_guard.state_dict(),
+        }
 
     def load_state_dict(self, d: dict[str, Any], optimizer: dict[str, Any] | None = None) -> None:
         self.epoch, self.step = int(d["epoch"]), int(d["step"])
         self.schedule.load_state_dict(d["schedule"])
+        self.stall_guard.load_state_dict(d.get("stall_guard", {}))
         if optimizer is not None:
             self.optimizer.load_state_dict(optimizer)
 
@@ -312,12 +275,21 @@ class TrainLoop:
         `train_batches(epoch)` yields at least `steps_per_epoch × accum_steps` batches; `val_batches()` every validation
         image exactly once across ranks. `on_epoch_end` is called on every rank (Ray's report is a barrier).
         """
-        while self.epoch < self.cfg.schedule.epochs:
+        while self.epoch < self.cfg.schedule.epochs and not self.schedule.stopped:
             metrics = self.train_epoch(train_batches(self.epoch), log_fn)
+            warning = self.stall_guard.observe(metrics["train/loss"], self.epoch + 1)
+            if warning and self.is_rank0:
+                log.warning(warning)
             if val_batches is not None:
                 metrics.update(self.validate(val_batches()))
                 if "val/top1_err" in metrics:
-                    metrics["lr_dropped"] = float(self.schedule.observe(metrics["val/top1_err"]))
+                    event = self.schedule.observe(
+                        metrics["val/top1_err"],
+                        epoch=self.epoch + 1,
+                        n=int(metrics["val/samples"]),
+                        train_loss=metrics["train/loss"],
+                    )
+                    metrics["lr_dropped"] = float(event is not None and event.action == DROP)
             self.epoch += 1
             metrics["epoch"] = float(self.epoch)
             metrics["lr_drops"] = float(self.schedule.drops)
