@@ -1,5 +1,5 @@
 # vggdist — `make demo` runs the main job on embedded defaults, `make test` runs the test suite.
-# Both create/update .venv first (see ../shared/ENVIRONMENT.md for the install order).
+# Both create/update .venv first (the install order is explained in README.md, "Install").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Row, Timer, parser, report  # noqa: E402
 from vggdist.comm import GRAD_COMPRESSION, register_comm_hook  # noqa: E402
-from vggdist.models import SCALES, build_vgg  # noqa: E402
+from vggdist.models import build_vgg  # noqa: E402
+from vggdist.paper import SCALES  # noqa: E402
 
 WORLD_SIZE = 2
 POWERSGD_RANK = 4

@@ -29,12 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Row, Timer, parser, report  # noqa: E402
-from vggdist.config import scaled_scale  # noqa: E402
 from vggdist.dense import to_dense  # noqa: E402
 from vggdist.evaluate import dense_posteriors, multicrop_posteriors  # noqa: E402
-from vggdist.models import SCALES, build_vgg  # noqa: E402
+from vggdist.models import build_vgg  # noqa: E402
+from vggdist.paper import MULTISCALE_Q, SCALES, to_crop  # noqa: E402
 
-PAPER_SCALES = (256, 384, 512)
+PAPER_SCALES = MULTISCALE_Q
 # (height, width) of the test images: ImageNet's common 500×375 landscape / portrait and a 3:2 photo
 SIZES = {"paper": [(375, 500), (500, 375), (333, 500)], "mini": [(48, 64), (64, 48), (48, 72)]}
 BATCH_SIZE = 64
@@ -52,7 +52,7 @@ def measure(scale: str, n_images: int, device: torch.device) -> dict[str, float]
     model = build_vgg("D", 1000, **SCALES[scale]).to(device)
     dense = to_dense(model)
     crop = model.crop_size
-    qs = [scaled_scale(q, crop) for q in PAPER_SCALES]
+    qs = [to_crop(q, crop) for q in PAPER_SCALES]
     images = _images(scale, n_images)
     protocols = {
         "multicrop": lambda q: multicrop_posteriors(model, images, q, crop, grid=5, batch_size=BATCH_SIZE),
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = []
     for scale, n in runs:
         rates = measure(scale, n, device)
-        qs = "/".join(str(scaled_scale(q, SCALES[scale]["crop_size"])) for q in PAPER_SCALES)
+        qs = "/".join(str(to_crop(q, SCALES[scale]["crop_size"])) for q in PAPER_SCALES)
         rows.append(
             Row(f"{scale} VGG-16 img/s multicrop-150 vs dense", "img/s", rates["multicrop"], rates["dense"])
         )

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Row, Timer, parser, report  # noqa: E402
-from vggdist.models import DEPTHS, PAPER_WIDTHS, SCALES, build_vgg, count_macs  # noqa: E402
+from vggdist.models import build_vgg, count_macs  # noqa: E402
+from vggdist.paper import SCALES, WEIGHT_LAYERS, WIDTHS  # noqa: E402
 
 CONFIGS = ("A", "D", "E")
 # name -> (bf16 autocast, channels_last, torch.compile)
@@ -72,7 +73,7 @@ def make_setup(quick: bool, smoke: bool, force_compile: bool) -> Setup:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         return Setup(
-            "cuda", PAPER_WIDTHS, 4096, 224, 64 if quick else 128, 5, 10 if quick else 30, True,
+            "cuda", WIDTHS, 4096, 224, 64 if quick else 128, 5, 10 if quick else 30, True,
             f"{name}: paper widths, crop 224, batch {64 if quick else 128}",
         )  # fmt: skip
     mini = SCALES["mini"]
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         )
     rows = []
     for config in configs:
-        name = f"VGG-{DEPTHS[config]}"
+        name = f"VGG-{WEIGHT_LAYERS[config]}"
         macs = count_macs(
             build_vgg(config, 1000, widths=setup.widths, fc_width=setup.fc_width, crop_size=setup.crop_size)
         )  # fmt: skip

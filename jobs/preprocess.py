@@ -1,4 +1,4 @@
-"""`ray job submit` entry point for the preprocessing stage (DESIGN.md §3): the `vggdist-preprocess` CLI.
+"""`ray job submit` entry point for the preprocessing stage: the `vggdist-preprocess` CLI.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/preprocess.py shard --source /data/ILSVRC2012_img_train.tar --split train --out /data/shards

@@ -1,4 +1,4 @@
-"""The ``vggdist-preprocess`` console script: ``shard``, ``verify``, ``stats`` (DESIGN.md §3; paper §3.1 data).
+"""The ``vggdist-preprocess`` console script: ``shard``, ``verify``, ``stats`` (paper §3.1 data).
 
 Exit codes: 0 done, 1 ``verify`` found problems, 2 a usage or input error (one line naming the fix).
 """
@@ -11,10 +11,11 @@ import os
 import sys
 
 from preprocess.images import ImageLimits
-from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, SPLITS, JobError, ShardJob, run_shard_job
+from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, JobError, ShardJob, run_shard_job
 from preprocess.sources import SourceError
-from preprocess.stats import format_stats, load_stats
+from preprocess.stats import format_stats
 from preprocess.verify import verify
+from vggdist.shardformat import SPLITS, DataError, read_stats
 
 log = logging.getLogger(__name__)
 _D = ImageLimits()
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             return _shard(args)
         if args.command == "verify":
             return _verify(args)
-        print(format_stats(load_stats(args.dir)))
+        print(format_stats(read_stats(args.dir)))
         return 0
-    except (JobError, SourceError, FileNotFoundError) as e:
+    except (JobError, SourceError, DataError, FileNotFoundError) as e:
         print(f"vggdist-preprocess: error: {e}", file=sys.stderr)
         return 2
 

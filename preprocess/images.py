@@ -1,4 +1,4 @@
-"""One input file → one RGB JPEG sample, or a reasoned refusal (DESIGN.md §4; paper §3.1 "Training image size").
+"""One input file → one RGB JPEG sample, or a reasoned refusal (paper §3.1 "Training image size").
 
 The paper trains on isotropically rescaled images with smallest side S ∈ [256, 512] and tests at Q ≤ 512, so
 nothing is lost by storing every image with its smallest side at most ``max_side`` (512). Decoding goes by

@@ -1,4 +1,4 @@
-"""WebDataset shards, manifest, stats, rejects: planned up front, written by Ray tasks, resumable (DESIGN.md §3–§4).
+"""WebDataset shards, manifest, stats, rejects: planned up front, written by Ray tasks, resumable (format: `vggdist.shardformat`).
 
 How a job runs (``run_shard_job``)
 1. The source is listed (``sources.list_source``): every input becomes an :class:`~preprocess.sources.Item`
@@ -13,7 +13,7 @@ How a job runs (``run_shard_job``)
    name, then atomically writes a done-marker ``.parts/<shard>.json`` (keys, rejects, exact RGB moments, bytes,
    sha256, and the hash of the inputs it was planned with).
 4. When every shard is done, ``rejects.jsonl``, ``stats.json`` and last ``manifest.json`` are assembled from the
-   markers.
+   markers (`preprocess.manifest`).
 
 Resume: a rerun of the same command re-lists, re-plans (same plan), skips shards whose marker matches the plan
 and whose file has the recorded size, and redoes the rest from scratch — so a kill -9 at any moment (mid-tar,
@@ -33,48 +33,37 @@ import json
 import logging
 import os
 import random
-import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from preprocess import stats as stats_mod
 from preprocess.images import ImageLimits, Rejected, to_jpeg
+from preprocess.manifest import JobSummary, finalize, write_json_atomic
 from preprocess.sources import ByteReader, Item, Listing, list_source
+from vggdist.shardformat import (
+    MANIFEST,
+    PARTS,
+    REJECTS,
+    SHARD_NAME_RE,
+    SPLITS,
+    STATS,
+    TOOL,
+    shard_name,
+)
 from vggdist.shardio import TarWriter
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TOOL = "vggdist-preprocess"
-MANIFEST = "manifest.json"
-REJECTS = "rejects.jsonl"
-PARTS = ".parts"
 DEFAULT_SAMPLES_PER_SHARD = 1280  # × ~110 kB per ImageNet sample at max side 512 ≈ 140 MB per shard
-SPLITS = ("train", "val")
-SHARD_NAME_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 _TEST_SLEEP_ENV = "VGGDIST_PREPROCESS_TEST_SLEEP_S"  # test hook: seconds to sleep per image
 _TEST_EXIT_ENV = "VGGDIST_PREPROCESS_TEST_EXIT_AFTER_RENAME"  # test hook: os._exit after renaming this shard
 
 
 class JobError(Exception):
     """A shard command that cannot run as given (exit code 2); the message names the fix."""
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def tool_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("vggdist")
-    except Exception:
-        return "0+unknown"
 
 
 @dataclass(frozen=True)
@@ -213,53 +202,11 @@ def write_shard(
         "rejects": rejects,
         "moments": moments.to_json(),
     }
-    _write_json_atomic(out / PARTS / f"{task.name}.json", marker)
+    write_json_atomic(out / PARTS / f"{task.name}.json", marker)
     return marker
 
 
-def _write_json_atomic(path: Path, obj, *, lines: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    text = "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=1) + "\n"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- the job
-
-
-@dataclass
-class JobSummary:
-    out: str
-    split: str
-    inputs: int
-    written: int
-    rejected: Counter
-    shards: int
-    bytes: int
-    reencoded: int
-    elapsed_s: float
-    processed: int  # inputs decoded by this run (fewer than `inputs` when resuming)
-    resumed_shards: int
-
-    def format(self) -> str:
-        rejected = sum(self.rejected.values())
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.rejected.items())) or "none"
-        rate = self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
-        lines = [
-            f"{TOOL} shard: {self.split} → {self.out}",
-            f"  inputs    {self.inputs:>10,}",
-            f"  written   {self.written:>10,}  in {self.shards} shards, {self.bytes / 1e6:,.1f} MB"
-            f" ({self.reencoded:,} re-encoded, {self.written - self.reencoded:,} original bytes kept)",
-            f"  rejected  {rejected:>10,}  ({reasons}; see {REJECTS})",
-            f"  elapsed   {self.elapsed_s:>10.1f} s  ({rate:,.1f} images/s over {self.processed:,} decoded now"
-            + (
-                f", {self.resumed_shards} shards resumed from an earlier run)" if self.resumed_shards else ")"
-            ),
-        ]
-        return "\n".join(lines)
 
 
 def run_shard_job(
@@ -300,7 +247,7 @@ def run_shard_job(
                     bar.update(marker["inputs"])
         finally:
             bar.close()
-        summary = _finalize(out, job, identity, listing, tasks, markers)
+        summary = finalize(out, job, identity, listing, tasks, markers)
     summary.elapsed_s = time.perf_counter() - t0
     summary.processed = sum(len(t.items) for t in pending)
     summary.resumed_shards = len(tasks) - len(pending)
@@ -403,7 +350,7 @@ def _claim_output(out: Path, identity: dict, overwrite: bool) -> None:
         )
     if overwrite:
         _remove_outputs(out)
-    _write_json_atomic(job_file, identity)
+    write_json_atomic(job_file, identity)
 
 
 def _remove_outputs(out: Path) -> None:
@@ -413,7 +360,7 @@ def _remove_outputs(out: Path) -> None:
             SHARD_NAME_RE.match(p.name) or ".tar.tmp-" in p.name or p.name in (MANIFEST, REJECTS)
         ):
             p.unlink()
-        elif p.is_file() and p.name == stats_mod.STATS_FILE:
+        elif p.is_file() and p.name == STATS:
             p.unlink()
     for p in (out / PARTS).glob("*.json"):
         p.unlink()
@@ -433,68 +380,3 @@ def _done_marker(out: Path, task: ShardTask) -> dict | None:
     ):
         return None
     return marker
-
-
-def _finalize(out: Path, job: ShardJob, identity: dict, listing: Listing, tasks, markers: dict) -> JobSummary:
-    rejects = list(listing.rejects)
-    moments = stats_mod.RGBMoments()
-    shards = []
-    for t in tasks:
-        m = markers[t.name]
-        rejects.extend(m["rejects"])
-        moments.merge(stats_mod.RGBMoments.from_json(m["moments"]))
-        shards.append({"name": t.name, "samples": m["samples"], "bytes": m["bytes"], "sha256": m["sha256"]})
-    written = sum(s["samples"] for s in shards)
-    if written + len(rejects) != listing.num_inputs:  # internal invariant: every input accounted for
-        raise RuntimeError(
-            f"accounting error: {written} written + {len(rejects)} rejected != {listing.num_inputs}"
-        )
-    by_reason = Counter(r["reason"] for r in rejects)
-    _write_json_atomic(out / REJECTS, rejects, lines=True)
-    _write_json_atomic(out / stats_mod.STATS_FILE, stats_mod.stats_dict(moments, job.split))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tool": TOOL,
-        "tool_version": tool_version(),
-        "split": job.split,
-        "source": identity["source"],
-        "source_kind": listing.kind,
-        "labels": identity["labels"],
-        "max_side": job.limits.max_side,
-        "quality": job.limits.quality,
-        "max_pixels": job.limits.max_pixels,
-        "max_aspect": job.limits.max_aspect,
-        "samples_per_shard": job.samples_per_shard,
-        "seed": job.seed,
-        "classes": [{"index": i, "wnid": c.wnid, "name": c.name} for i, c in enumerate(listing.classes)],
-        "num_inputs": listing.num_inputs,
-        "num_samples": written,
-        "num_rejected": len(rejects),
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "shards": shards,
-        "plan": identity["plan"],
-    }
-    _write_json_atomic(out / MANIFEST, manifest)
-    return JobSummary(
-        out=str(out),
-        split=job.split,
-        inputs=listing.num_inputs,
-        written=written,
-        rejected=by_reason,
-        shards=len(shards),
-        bytes=sum(s["bytes"] for s in shards),
-        reencoded=sum(markers[t.name].get("reencoded", 0) for t in tasks),
-        elapsed_s=0.0,
-        processed=0,
-        resumed_shards=0,
-    )
-
-
-def read_manifest(out_dir: str | Path) -> dict:
-    """The content of ``out_dir/manifest.json`` (present only once a shard job has completed)."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: run (or finish, by rerunning) `{TOOL} shard ... --out {out_dir}`"
-        )
-    return json.loads(path.read_text())

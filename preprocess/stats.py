@@ -11,19 +11,16 @@ The covariance is the population covariance (divide by the number of pixels).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from vggdist.shardformat import FORMAT_VERSION
 
 try:  # the same sums in C (built at install time when a compiler exists): ~5x faster on the preprocessing path
     from preprocess._moments import rgb_moments as _rgb_moments
 except ImportError:  # pragma: no cover - exercised where the extension was not built
     _rgb_moments = None
-
-FORMAT_VERSION = 1
-STATS_FILE = "stats.json"
 
 
 @dataclass
@@ -123,7 +120,7 @@ def pca(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stats_dict(moments: RGBMoments, split: str) -> dict:
-    """The stats.json document (DESIGN.md §4); ``exact`` keeps the integer sums so `verify` can recheck them."""
+    """The stats.json document (`vggdist.shardformat`); ``exact`` keeps the integer sums so `verify` can recheck them."""
     cov = moments.covariance()
     values, vectors = pca(cov)
     return {
@@ -137,14 +134,6 @@ def stats_dict(moments: RGBMoments, split: str) -> dict:
         "eigenvectors": vectors.tolist(),
         "exact": moments.to_json(),
     }
-
-
-def load_stats(out_dir: str | Path) -> dict:
-    """The content of ``out_dir/stats.json``."""
-    path = Path(out_dir) / STATS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `vggdist-preprocess shard ... --out {out_dir}` first")
-    return json.loads(path.read_text())
 
 
 def format_stats(d: dict) -> str:

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from preprocess import stats as stats_mod
 from preprocess.images import decode_rgb
-from preprocess.shards import MANIFEST, REJECTS, SHARD_NAME_RE, read_manifest
+from vggdist.shardformat import (
+    MANIFEST,
+    REJECTS,
+    SAMPLE_MEMBERS,
+    SHARD_NAME_RE,
+    STATS,
+    load_manifest,
+    read_stats,
+)
 
 
 @dataclass
@@ -47,7 +55,7 @@ def _check_shard(out_dir: str, entry: dict, num_classes: int, wnid_index: dict[s
         return res
     for key, members in samples.items():
         where = f"{name}:{key}"
-        if sorted(members) != ["cls", "jpg", "json"]:
+        if tuple(sorted(members)) != SAMPLE_MEMBERS:
             res.problems.append(f"{where}: members {sorted(members)}, expected cls, jpg, json")
             continue
         try:
@@ -89,7 +97,7 @@ def verify(out_dir: str | Path, workers: int = 1) -> list[str]:
     """Check every shard against manifest.json (bytes, sha256, sample counts, members, decodability, class
     indices, sizes), keys unique, rejects.jsonl and stats.json consistent. Returns the problems found (none = ok)."""
     out = Path(out_dir)
-    manifest = read_manifest(out)
+    manifest = load_manifest(out)
     problems = []
     classes = manifest["classes"]
     wnid_index = {c["wnid"]: c["index"] for c in classes}
@@ -126,10 +134,10 @@ def verify(out_dir: str | Path, workers: int = 1) -> list[str]:
     if n_rejects != manifest["num_rejected"]:
         problems.append(f"{REJECTS} has {n_rejects} lines, num_rejected says {manifest['num_rejected']}")
     try:
-        recorded = stats_mod.load_stats(out).get("exact")
+        recorded = read_stats(out).get("exact")
     except FileNotFoundError:
         recorded = None
-        problems.append(f"{stats_mod.STATS_FILE} is missing")
+        problems.append(f"{STATS} is missing")
     if recorded is not None and not problems and recorded != moments.to_json():
-        problems.append(f"{stats_mod.STATS_FILE} does not match the pixels in the shards")
+        problems.append(f"{STATS} does not match the pixels in the shards")
     return problems

@@ -2,7 +2,8 @@
 
 import pytest
 
-from vggdist.config import Config, ConfigError, preset, scaled_scale
+from vggdist.config import Config, ConfigError, preset
+from vggdist.paper import to_crop
 
 
 def test_paper_preset_is_the_papers_protocol():
@@ -21,7 +22,7 @@ def test_paper_preset_is_the_papers_protocol():
 
 def test_mini_preset_scales_s_and_q_by_crop_ratio():
     cfg = preset("mini", model="B")
-    assert cfg.data.crop_size == 32 and cfg.data.train_scale == scaled_scale(256, 32) == 37
+    assert cfg.data.crop_size == 32 and cfg.data.train_scale == to_crop(256, 32) == 37
     assert cfg.eval.test_scales == (37, 55, 73)
 
 

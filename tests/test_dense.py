@@ -7,7 +7,8 @@ from torch import nn
 
 from vggdist.dense import DenseVGG, to_dense
 from vggdist.init import init_weights
-from vggdist.models import SCALES, build_vgg
+from vggdist.models import build_vgg
+from vggdist.paper import SCALES
 
 MINI = SCALES["mini"]
 

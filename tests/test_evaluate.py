@@ -22,7 +22,8 @@ from vggdist.evaluate import (
     single_posteriors,
     topk_counts,
 )
-from vggdist.models import SCALES, build_vgg
+from vggdist.models import build_vgg
+from vggdist.paper import SCALES
 
 CROP = 32
 K = 8

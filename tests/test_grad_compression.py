@@ -30,8 +30,9 @@ def _worker(rank: int, world: int, port: int, data_dir: str, kind: str, out: str
     from vggdist import data
     from vggdist.comm import ddp_kwargs, register_comm_hook
     from vggdist.config import preset
+    from vggdist.shardformat import read_manifest, read_stats
     from vggdist.train import TrainLoop, apply_init, batch_plan, build_model
-    from vggdist.transforms import DeviceAugment, load_stats
+    from vggdist.transforms import DeviceAugment
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -56,7 +57,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, kind: str, out: str
             "run.log_every_steps=1000",
         ]
     )
-    manifest = data.read_manifest(data_dir, "train")
+    manifest = read_manifest(data_dir, "train")
     torch.manual_seed(0)
     net = build_model(cfg, len(manifest["classes"]))
     apply_init(net, cfg)
@@ -76,7 +77,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, kind: str, out: str
         cfg,
         plan=plan,
         steps_per_epoch=steps,
-        augment=DeviceAugment.from_stats(load_stats(data_dir), cfg.data),
+        augment=DeviceAugment.from_stats(read_stats(data_dir), cfg.data),
         device=torch.device("cpu"),
         reduce=reduce,
         is_rank0=rank == 0,

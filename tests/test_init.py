@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from vggdist.init import init_from_shallower, init_weights
-from vggdist.models import SCALES, build_vgg, paper_layer_names
+from vggdist.models import build_vgg, paper_layer_names
+from vggdist.paper import SCALES
 
 MINI = SCALES["mini"]
 

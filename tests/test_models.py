@@ -9,7 +9,6 @@ from torch import nn
 
 from vggdist.models import (
     CONFIGS,
-    SCALES,
     VGG,
     build_vgg,
     count_macs,
@@ -19,7 +18,10 @@ from vggdist.models import (
     layer_table,
     load_torchvision_state_dict,
     paper_layer_names,
+    strip_wrapper_prefixes,
+    unwrap_model,
 )
+from vggdist.paper import SCALES, WEIGHT_LAYERS
 
 MINI = SCALES["mini"]
 
@@ -185,3 +187,21 @@ def test_load_torchvision_state_dict_mismatch_is_clear():
 def test_count_params_counts_all_parameters():
     model = VGG("A", 10, **MINI)
     assert count_params(model) == sum(p.numel() for p in model.state_dict().values())  # no BN buffers
+
+
+def test_table1_depth_is_the_conv_count_plus_three_fc():
+    for config, spec in CONFIGS.items():
+        convs = sum(1 for item in spec if item not in ("M", "LRN"))
+        assert convs + 3 == WEIGHT_LAYERS[config], config
+
+
+def test_unwrap_model_and_strip_wrapper_prefixes_share_the_rule():
+    net = build_vgg("A", 10, **MINI)
+    compiled_in_ddp = nn.Module()
+    compiled_in_ddp.module = nn.Module()
+    compiled_in_ddp.module._orig_mod = net  # the attributes DDP and torch.compile keep the wrapped module in
+    assert unwrap_model(compiled_in_ddp) is net and unwrap_model(net) is net
+    assert unwrap_model(torch.compile(net)) is net
+    wrapped = compiled_in_ddp.state_dict()
+    assert next(iter(wrapped)).startswith("module._orig_mod.")
+    assert list(strip_wrapper_prefixes(wrapped)) == list(net.state_dict())

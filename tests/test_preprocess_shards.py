@@ -18,10 +18,10 @@ from PIL import Image
 
 from preprocess import shards
 from preprocess.images import ImageLimits
-from preprocess.shards import JobError, ShardJob, plan_shards, read_manifest, run_shard_job
+from preprocess.shards import JobError, ShardJob, plan_shards, run_shard_job
 from preprocess.sources import list_source
-from preprocess.stats import load_stats
 from preprocess.verify import verify
+from vggdist.shardformat import read_manifest, read_stats
 
 try:
     from tests import preprocess_fixtures as fx
@@ -149,7 +149,7 @@ def test_stats_are_exact_over_the_decoded_stored_pixels(reference):
         for s in _samples(reference).values()
     ]
     x = np.concatenate(pixels).astype(np.float64)
-    st = load_stats(reference)
+    st = read_stats(reference)
     assert st["format_version"] == 1 and st["split"] == "train"
     assert st["images"] == len(pixels) and st["pixels"] == len(x)
     np.testing.assert_allclose(st["mean_rgb"], x.mean(0), rtol=1e-12)
@@ -246,7 +246,7 @@ def _assert_same_result(out: Path, reference: Path) -> None:
     a, b = read_manifest(out), read_manifest(reference)
     assert a["shards"] == b["shards"]  # same samples, same bytes (sha256), same shards
     assert _samples(out).keys() == _samples(reference).keys()
-    assert load_stats(out) == load_stats(reference)
+    assert read_stats(out) == read_stats(reference)
     assert (out / "rejects.jsonl").read_text() == (reference / "rejects.jsonl").read_text()
     assert not list(out.glob(".*.tmp-*")) and verify(out) == []
 

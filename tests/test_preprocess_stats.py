@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from preprocess import stats as S
-from preprocess.stats import RGBMoments, format_stats, load_stats, pca, stats_dict
+from preprocess.stats import RGBMoments, format_stats, pca, stats_dict
+from vggdist.shardformat import read_stats
 
 needs_c = pytest.mark.skipif(S._rgb_moments is None, reason="preprocess._moments was not built")
 
@@ -93,9 +94,9 @@ def test_stats_dict_load_and_format(tmp_path):
     d = stats_dict(m, "train")
     assert d["format_version"] == 1 and d["split"] == "train" and len(d["eigenvectors"]) == 3
     (tmp_path / "stats.json").write_text(json.dumps(d))
-    assert load_stats(tmp_path) == d
+    assert read_stats(tmp_path) == d
     assert "mean RGB" in format_stats(d)
     with pytest.raises(FileNotFoundError, match="vggdist-preprocess shard"):
-        load_stats(tmp_path / "nowhere")
+        read_stats(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="uint8"):
         m.add_image(np.zeros((2, 2, 3), np.float32))

@@ -4,7 +4,7 @@ Layout of a checkpoint directory (what Ray Train uploads to the storage path and
 
     checkpoint.pt   torch.save of plain containers and tensors only, so it loads with `torch.load(weights_only=True)`
     config.yaml     the run's Config (readable; `Config.load` restores it)
-    meta.json       epoch, metrics, dataset manifest hash, code version: what a person or `vggdist evaluate` looks at first
+    meta.json       epoch, metrics, MLflow run id, init mapping: what a person or `vggdist evaluate` looks at first
 """
 
 from __future__ import annotations
@@ -17,35 +17,20 @@ from typing import Any
 import torch
 
 from vggdist.config import Config
+from vggdist.models import unwrap_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP / torch.compile wrappers, so state-dict keys never carry 'module.' or '_orig_mod.'."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def rng_state() -> dict[str, Any]:
+    """The torch (CPU, CUDA) and Python RNG states, stored for inspection: a resumed run does not restore them,
+    it reseeds every epoch from (seed, epoch, rank), which makes the continuation deterministic on its own."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    # weights_only loading turns the tuple of ints into lists: rebuild the shape random.setstate expects
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(
@@ -54,31 +39,26 @@ def save(
     model: torch.nn.Module,
     config: Config,
     optimizer: torch.optim.Optimizer | None = None,
-    schedule: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
-    with_rng: bool = True,
 ) -> Path:
     """Write a checkpoint directory and return it. Only rank 0 calls this."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
-        "model": unwrap(model).state_dict(),
+        "model": unwrap_model(model).state_dict(),  # keys without 'module.' or '_orig_mod.'
         "model_config": config.to_dict()["model"],
-        "num_classes": int(getattr(unwrap(model), "num_classes", 0)),
+        "num_classes": int(getattr(unwrap_model(model), "num_classes", 0)),
         "config": json.loads(json.dumps(config.to_dict())),
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    if schedule is not None:
-        payload["schedule"] = schedule
     if train_state is not None:
         payload["train_state"] = train_state
     if stats is not None:
         payload["stats"] = json.loads(json.dumps(stats))
-    if with_rng:
-        payload["rng"] = rng_state()
+    payload["rng"] = rng_state()
     tmp = d / (CHECKPOINT_FILE + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(d / CHECKPOINT_FILE)

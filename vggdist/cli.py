@@ -1,4 +1,4 @@
-"""The `vggdist` console script (DESIGN.md §3): models, train, evaluate, sweep, report, demo.
+"""The `vggdist` console script: models, train, evaluate, sweep, report, demo.
 
 Each sub-command parses flags and calls one library function; a bad value is a one-line error naming the fix,
 with exit code 2 (usage), and heavy imports (torch, ray, mlflow) happen only in the command that needs them.
@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vggdist.config import CONFIG_NAMES, PROTOCOLS, Config, ConfigError, preset
+from vggdist.config import CONFIG_NAMES, Config, ConfigError, preset
+from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
 
 USAGE_ERROR = 2
 
@@ -52,7 +53,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from vggdist.models import SCALES, describe_all, format_table
+    from vggdist.models import describe_all, format_table
+    from vggdist.paper import SCALES
 
     entries = describe_all(num_classes=args.num_classes, **SCALES[args.scale])
     if args.json:
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", default="paper", help="paper, mini, or a plan YAML file")
     s.add_argument("--workers", type=int, help="Ray Train workers per training run")
     s.add_argument("--gpu", action="store_true")
-    s.add_argument("--experiment", default="vggdist")
+    s.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     s.add_argument(
         "--name", default=None, help="sweep name; rerunning with the same name skips finished stages"
     )
@@ -238,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="paper-style Tables 3-6 and an error-vs-depth plot from MLflow")
-    r.add_argument("--experiment", default="vggdist")
+    r.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     r.add_argument("--sweep", help="parent run id of the sweep to report (default: the latest sweep)")
     r.add_argument("--out", default="report", help="output directory for Markdown/CSV/JSON/PNG")
     r.set_defaults(func=cmd_report)

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
-CONFIG_NAMES = ("A", "A-LRN", "B", "C", "D", "E")
-PROTOCOLS = ("single", "dense", "multicrop", "combined")
+from vggdist import paper
+from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
+
+CONFIG_NAMES = paper.CONFIG_ORDER
 
 
 class ConfigError(ValueError):
@@ -35,8 +37,8 @@ class ModelConfig:
     """Table 1: which column, and at which width (paper or mini scale)."""
 
     name: str = "A"
-    widths: tuple[int, ...] = (64, 128, 256, 512, 512)
-    fc_width: int = 4096
+    widths: tuple[int, ...] = paper.WIDTHS
+    fc_width: int = paper.FC_WIDTH
     batch_norm: bool = False
     dropout: float = 0.5
 
@@ -60,7 +62,7 @@ JPEG_DECODERS = ("auto", "window", "simplejpeg", "pil")
 class DataConfig:
     """§3.1 training images: isotropic rescale to S (fixed or jittered), random crop, flip, PCA colour shift, mean subtraction."""
 
-    crop_size: int = 224
+    crop_size: int = paper.CROP
     train_scale: int = 256  # S when not jittering
     scale_jitter: tuple[int, int] | None = None  # (S_min, S_max): S drawn per image, the paper's [256, 512]
     color_shift_std: float = 0.1  # sigma of alpha ~ N(0, sigma) along the RGB PCA axes (AlexNet's scheme)
@@ -111,7 +113,7 @@ class DataConfig:
             return self.val_scale
         if self.scale_jitter is None:
             return self.train_scale
-        return round(384 * self.crop_size / 224)
+        return paper.to_crop(paper.single_test_scale("256-512"), self.crop_size)
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class EvalConfig:
     """§3.2 / §4: test protocols and test scales Q."""
 
     protocols: tuple[str, ...] = PROTOCOLS
-    test_scales: tuple[int, ...] = (256, 384, 512)
+    test_scales: tuple[int, ...] = paper.MULTISCALE_Q
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -212,7 +214,7 @@ class RunConfig:
     max_failures: int = 3
     keep_checkpoints: int = 2  # newest kept in addition to the best one
     storage_path: str | None = None  # Ray storage (local dir, shared fs, s3://); None -> ~/vggdist_results
-    experiment: str = "vggdist"
+    experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     log_every_steps: int = 50
 
@@ -263,7 +265,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """{'optim.lr': 0.01, 'data.scale_jitter': None, ...}: the MLflow params of a run (DESIGN §5)."""
+        """{'optim.lr': 0.01, 'data.scale_jitter': None, ...}: the MLflow params of a run."""
         return {f"{section}.{k}": v for section, sub in self.to_dict().items() for k, v in sub.items()}
 
     def to_yaml(self) -> str:
@@ -392,36 +394,30 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
-def _scaled(q: int, crop: int) -> int:
-    """Map a paper scale (pixels at crop 224) to another crop size: 256 -> 37 at crop 32."""
-    return round(q * crop / 224)
-
-
 def preset(name: str, model: str = "A") -> Config:
     """`paper`: the protocol exactly as §3.1–§4 (224 crops, S=256, widths 64…512, FC 4096, 74 epochs).
 
-    `mini`: the same protocol at crop 32 (DESIGN §6) so it trains on 2 CPU cores in minutes: S and Q scaled by 32/224,
-    widths divided by 4, FC 256, global batch 64 at the paper's lr 0.01, 8 epochs. A few epochs are too short for the paper's
-    N(0, 1e-2) start of 11+ layers (the signal shrinks ~4x per layer, vggdist.init): mini fills the layers that the
-    staged init leaves random with Glorot's scheme (`run.fill_init`), which the paper's footnote reports works.
+    `mini`: the same protocol at `paper.SCALES["mini"]` (crop 32) so it trains on 2 CPU cores in minutes: S and Q
+    scaled by 32/224, widths divided by 4, FC 256, global batch 64 at the paper's lr 0.01, 8 epochs. A few epochs
+    are too short for the paper's N(0, 1e-2) start of 11+ layers (the signal shrinks ~4x per layer,
+    vggdist.init): mini fills the layers that the staged init leaves random with Glorot's scheme
+    (`run.fill_init`), which the paper's footnote reports works.
     """
     if name == "paper":
         return Config(model=ModelConfig(name=model))
     if name == "mini":
-        crop = 32
+        scale = paper.SCALES["mini"]
+        crop = scale["crop_size"]
         return Config(
-            model=ModelConfig(name=model, widths=(16, 32, 64, 128, 128), fc_width=256),
+            model=ModelConfig(name=model, widths=scale["widths"], fc_width=scale["fc_width"]),
             data=DataConfig(
-                crop_size=crop, train_scale=_scaled(256, crop), loader_workers=1, shuffle_buffer=500
+                crop_size=crop, train_scale=paper.to_crop(256, crop), loader_workers=1, shuffle_buffer=500
             ),
             optim=OptimConfig(lr=0.01, global_batch_size=64),
             schedule=ScheduleConfig(epochs=8, plateau_patience=1),
-            eval=EvalConfig(test_scales=tuple(_scaled(q, crop) for q in (256, 384, 512)), batch_size=64),
+            eval=EvalConfig(
+                test_scales=tuple(paper.to_crop(q, crop) for q in paper.MULTISCALE_Q), batch_size=64
+            ),
             run=RunConfig(log_every_steps=20, fill_init="glorot"),
         )
     raise ConfigError(f"unknown preset {name!r}; use 'paper' or 'mini'")
-
-
-def scaled_scale(q: int, crop_size: int) -> int:
-    """Public form of the paper→preset scale mapping (S or Q at 224 → the same ratio at `crop_size`)."""
-    return _scaled(q, crop_size)

@@ -1,4 +1,4 @@
-"""WebDataset input pipelines over the shards of `vggdist-preprocess` (DESIGN.md §4): §3.1 training, §3.2 testing.
+"""WebDataset input pipelines over the shards of `vggdist-preprocess` (`vggdist.shardformat`): §3.1 training, §3.2 testing.
 
 Training (`train_loader`): every rank runs exactly the same number of steps, whatever the shard sizes, because
 shards are drawn *with replacement* — each (rank, loader worker) draws shards from its own random stream, reads
@@ -18,12 +18,11 @@ Shards are read by `vggdist.shardio.tar_samples` (the same samples as ``webdatas
 cheaper per sample on local files); shuffling uses webdataset's buffer.
 
 Data directories: a directory holding one split (its manifest.json says which) or a parent with `train/`
-and `val/` split directories; `split_dir` resolves either. No ray or mlflow imports here.
+and `val/` split directories; `vggdist.shardformat.split_dir` resolves either. No ray or mlflow imports here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,105 +38,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vggdist import transforms as T
 from vggdist.config import DataConfig
+from vggdist.shardformat import DataError, read_manifest, shard_files
 from vggdist.shardio import tar_samples
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Batches",
-    "DataError",
     "EvalCountError",
     "center_crop_loader",
     "check_eval_count",
     "eval_loader",
     "expected_eval_count",
-    "read_manifest",
-    "shard_urls",
-    "split_dir",
     "steps_per_epoch",
     "train_loader",
 ]
 
-MANIFEST = "manifest.json"
-_PREPROCESS = "vggdist-preprocess shard"
-
-
-class DataError(ValueError):
-    """The shards or their metadata are missing or inconsistent; the message says what to run."""
-
 
 class EvalCountError(DataError):
     """An evaluation saw a different number of images than the manifest lists."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# manifest and shard lists
-
-
-def _load_manifest(path: Path) -> dict:
-    fix = f"rerun `{_PREPROCESS} --split SPLIT --out {path.parent}` (it resumes) and `vggdist-preprocess verify {path.parent}`"
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); {fix}") from e
-    try:
-        shards = m["shards"]
-        counts = [int(s["samples"]) for s in shards]
-        names = [str(s["name"]) for s in shards]
-        total = int(m["num_samples"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} is corrupt (missing or malformed {e}); {fix}") from e
-    if not shards or any(c < 0 for c in counts) or any("/" in n for n in names):
-        raise DataError(f"{path} lists no shards or invalid ones; {fix}")
-    if sum(counts) != total:
-        raise DataError(f"{path}: shards hold {sum(counts)} samples but num_samples says {total}; {fix}")
-    return m
-
-
-def split_dir(data_dir: str | Path, split: str) -> Path:
-    """The directory holding `split`'s shards: `data_dir` itself if its manifest is that split, else `data_dir/split`."""
-    d = Path(data_dir)
-    found = None
-    for cand in (d, d / split):
-        path = cand / MANIFEST
-        if path.is_file():
-            m = _load_manifest(path)
-            if m.get("split", split) == split:
-                return cand
-            found = found or (path, m.get("split"))
-    held = f" ({found[0]} is split {found[1]!r})" if found else ""
-    raise DataError(
-        f"no {split} shards under {d}{held}: write them with `{_PREPROCESS} --split {split} --out {d / split}`"
-    )
-
-
-def read_manifest(data_dir: str | Path, split: str | None = None) -> dict:
-    """manifest.json of `data_dir` (or of its `split` directory, see `split_dir`), checked for consistency."""
-    d = split_dir(data_dir, split) if split is not None else Path(data_dir)
-    path = d / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} not found: write the shards with `{_PREPROCESS} --split SPLIT --out {d}`")
-    return _load_manifest(path)
-
-
-def _shards(data_dir: str | Path, split: str) -> tuple[list[str], list[int]]:
-    d = split_dir(data_dir, split)
-    m = _load_manifest(d / MANIFEST)
-    urls, counts = [], []
-    for s in m["shards"]:
-        path = d / s["name"]
-        if not path.is_file():
-            raise DataError(
-                f"{path} is listed in manifest.json but missing; rerun `{_PREPROCESS} --split {split} --out {d}`"
-            )
-        urls.append(str(path))
-        counts.append(int(s["samples"]))
-    return urls, counts
-
-
-def shard_urls(data_dir: str | Path, split: str) -> list[str]:
-    """Paths of `split`'s shards in manifest order (each checked to exist)."""
-    return _shards(data_dir, split)[0]
 
 
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
@@ -301,7 +220,7 @@ def train_loader(
     _check_rank(rank, world_size)
     if batch_size < 1 or steps < 0:
         raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size}, {steps}")
-    urls = shard_urls(data_dir, "train")
+    urls = shard_files(data_dir, "train")[0]
     workers = cfg.loader_workers if num_workers is None else num_workers
     ds = _TrainStream(urls, cfg, batch_size, steps, rank, world_size, seed, epoch)
     decoder = T.available_decoder() if cfg.decoder == "auto" else cfg.decoder
@@ -418,7 +337,7 @@ def eval_loader(
         raise ValueError(f"test scale q={q} must be >= crop={crop}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    urls, counts = _shards(data_dir, split)
+    urls, counts = shard_files(data_dir, split)
     ds = _EvalStream(urls, counts, rank, world_size, batch_size, q, crop)
     slots = max(1, num_workers)
     sizes = [

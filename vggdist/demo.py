@@ -7,7 +7,8 @@
    dense + multi-crop + combined evaluation at three scales; fusion of two nets (Table 6);
 4. `vggdist report`: the paper's tables with these numbers beside the paper's, and the error-vs-depth plot.
 Everything runs on a local Ray started in-process and MLflow in `<workdir>/mlflow.db` (unless MLFLOW_TRACKING_URI
-is set). The mini preset is the paper's protocol at crop 32 (DESIGN §6): the numbers show learning, not ImageNet.
+is set). The mini preset is the paper's protocol at crop 32 (`vggdist.paper.SCALES`): the numbers show learning,
+not ImageNet.
 """
 
 from __future__ import annotations

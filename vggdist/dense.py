@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from vggdist.models import VGG
+from vggdist.models import VGG, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,13 @@ def _linear_to_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv
 
 
 def to_dense(model: VGG) -> DenseVGG:
-    """Convert ``model`` (or a DDP-wrapped one) to its fully-convolutional form; no storage is shared.
+    """Convert ``model`` (or a DDP-wrapped / compiled one) to its fully-convolutional form; no storage is shared.
 
     fc6 becomes a ``crop/32 × crop/32`` conv, fc7 and fc8 1×1 convs; the conv stack is deep-copied, so
     training ``model`` afterwards does not change the dense network (convert again after loading weights).
     The result is in the same train/eval mode as ``model``.
     """
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     if not isinstance(model, VGG):
         raise ValueError(f"to_dense needs a vggdist VGG model, got {type(model).__name__}")
     fc6, fc7, fc8 = (m for m in model.classifier if isinstance(m, nn.Linear))

@@ -29,6 +29,7 @@ from vggdist.evaluate import (
     single_posteriors,
     topk_counts,
 )
+from vggdist.runmeta import PROTOCOLS
 from vggdist.train import build_model
 from vggdist.transforms import DeviceAugment
 
@@ -151,7 +152,7 @@ def results_rows(
     paper = list(paper_scales) if paper_scales else list(scales)
     to_paper = dict(zip(scales, paper, strict=True))
     rows = []
-    order = {p: i for i, p in enumerate(("single", "dense", "multicrop", "combined"))}
+    order = {p: i for i, p in enumerate(PROTOCOLS)}
 
     def sort_key(item):
         protocol, qs = item[0].split("/")

@@ -24,6 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from vggdist.dense import to_dense
+from vggdist.runmeta import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,6 @@ __all__ = [
     "single_posteriors",
     "topk_counts",
 ]
-
-PROTOCOLS = ("single", "dense", "multicrop", "combined")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Geometry

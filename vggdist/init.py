@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from vggdist.models import VGG, paper_layer_names, strip_wrapper_prefixes
+from vggdist.models import VGG, paper_layer_names, strip_wrapper_prefixes, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def init_from_shallower(deep_model: VGG, shallow_state: Mapping[str, torch.Tenso
     order, e.g. ``{"features.3": "features.5", ...}`` for A → D, ready to log as JSON.
     Raises ValueError if ``shallow_state`` is not such a state dict or a shape differs.
     """
-    deep = getattr(deep_model, "module", deep_model)  # accept a DDP-wrapped model too
+    deep = unwrap_model(deep_model)  # accept a DDP-wrapped or compiled model too
     if not isinstance(deep, VGG):
         raise ValueError(f"init_from_shallower needs a vggdist VGG model, got {type(deep).__name__}")
     source = strip_wrapper_prefixes(shallow_state)

@@ -18,12 +18,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from vggdist import paper
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIGS",
-    "DEPTHS",
-    "SCALES",
     "VGG",
     "build_vgg",
     "count_macs",
@@ -32,8 +32,9 @@ __all__ = [
     "format_table",
     "layer_table",
     "load_torchvision_state_dict",
-    "strip_wrapper_prefixes",
     "paper_layer_names",
+    "strip_wrapper_prefixes",
+    "unwrap_model",
 ]
 
 # Table 1. An int is a 3×3 conv (stride 1, pad 1) with that many output channels, ("1x1", n) a 1×1 conv
@@ -52,16 +53,7 @@ CONFIGS: dict[str, list] = {
               512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 # fmt: on
-PAPER_WIDTHS = (64, 128, 256, 512, 512)
-# Weight layers per configuration (the "11 weight layers" … "19 weight layers" header of Table 1).
-DEPTHS = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
-
-# DESIGN.md §6: the same protocol at two scales. Five 2×2 pools divide the crop by 32, so at crop 32 the
-# last feature map is 1×1 and fc6 is a plain (C → fc_width) layer, a 1×1 conv in dense mode.
-SCALES: dict[str, dict] = {
-    "paper": dict(widths=PAPER_WIDTHS, fc_width=4096, crop_size=224),
-    "mini": dict(widths=(16, 32, 64, 128, 128), fc_width=256, crop_size=32),
-}
+# Depths (Table 1's "11 weight layers" … "19 weight layers") and the two network scales: `vggdist.paper`.
 
 # AlexNet's LRN (Krizhevsky et al. 2012, §3.3): b = a / (k + alpha * sum_{n neighbours} a^2)^beta with
 # n=5, k=2, alpha=1e-4, beta=0.75. torch's LocalResponseNorm divides alpha by n, so it gets alpha * n.
@@ -101,7 +93,7 @@ def _make_features(spec: Sequence, widths: Sequence[int], batch_norm: bool) -> n
         else:
             kernel = 1 if isinstance(item, tuple) else 3
             paper_width = item[1] if isinstance(item, tuple) else item
-            assert paper_width == PAPER_WIDTHS[block], (item, block)  # Table 1 is one width per block
+            assert paper_width == paper.WIDTHS[block], (item, block)  # Table 1 is one width per block
             out_channels = int(widths[block])
             # bias is redundant before BN, but torchvision keeps it: keep it for identical state dicts.
             layers.append(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2))
@@ -124,9 +116,9 @@ class VGG(nn.Module):
         config: str,
         num_classes: int = 1000,
         *,
-        widths: Sequence[int] = PAPER_WIDTHS,
-        fc_width: int = 4096,
-        crop_size: int = 224,
+        widths: Sequence[int] = paper.WIDTHS,
+        fc_width: int = paper.FC_WIDTH,
+        crop_size: int = paper.CROP,
         batch_norm: bool = False,
         dropout: float = 0.5,
     ) -> None:
@@ -174,15 +166,15 @@ def build_vgg(
     config: str,
     num_classes: int = 1000,
     *,
-    widths: Sequence[int] = PAPER_WIDTHS,
-    fc_width: int = 4096,
-    crop_size: int = 224,
+    widths: Sequence[int] = paper.WIDTHS,
+    fc_width: int = paper.FC_WIDTH,
+    crop_size: int = paper.CROP,
     batch_norm: bool = False,
     dropout: float = 0.5,
 ) -> VGG:
     """Build configuration ``config`` of Table 1, initialised by `vggdist.init.init_weights` (§3.1 default).
 
-    ``widths`` / ``fc_width`` / ``crop_size`` scale the network (``**SCALES["mini"]``); call
+    ``widths`` / ``fc_width`` / ``crop_size`` scale the network (``**paper.SCALES["mini"]``); call
     ``init_weights`` again for another scheme or ``init_from_shallower`` for the staged start.
     """
     from vggdist.init import init_weights  # init.py imports this module; import here to avoid a cycle
@@ -223,13 +215,27 @@ def paper_layer_names(model: VGG) -> dict[str, str]:
     return names
 
 
+# The attribute under which a wrapper keeps the wrapped module: DistributedDataParallel's and torch.compile's.
+# The same names prefix the wrapper's state-dict keys ("module.features.0.weight").
+WRAPPER_ATTRS = ("module", "_orig_mod")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside any DDP / torch.compile wrappers (the model itself when it is not wrapped)."""
+    inner = model
+    while inner is not None:
+        model = inner
+        inner = next((m for a in WRAPPER_ATTRS if isinstance(m := getattr(model, a, None), nn.Module)), None)
+    return model
+
+
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes: DistributedDataParallel's ``module.`` and torch.compile's ``_orig_mod.``."""
+    """State-dict keys without the wrappers' prefixes (``module.``, ``_orig_mod.``): a plain module's keys."""
+    prefixes = tuple(f"{a}." for a in WRAPPER_ATTRS)
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 
@@ -316,7 +322,7 @@ def _meta_vgg(config: str, num_classes: int, scale: dict) -> VGG:
 def layer_table(config: str, num_classes: int = 1000, **scale) -> list[dict]:
     """Table 1 column ``config`` as rows {"name", "output" [C, H, W], "params", "macs"} at the model's crop.
 
-    ``scale`` takes `build_vgg`'s keyword arguments (``**SCALES["mini"]``, ``batch_norm=True``, ...).
+    ``scale`` takes `build_vgg`'s keyword arguments (``**paper.SCALES["mini"]``, ``batch_norm=True``, ...).
     """
     model = _meta_vgg(config, num_classes, scale)
     return _walk(model, model.crop_size)
@@ -331,7 +337,7 @@ def describe_all(num_classes: int = 1000, **scale) -> list[dict]:
         entries.append(
             dict(
                 config=config,
-                depth=DEPTHS[config],
+                depth=paper.WEIGHT_LAYERS[config],
                 params=count_params(model),
                 macs=sum(row["macs"] for row in layers),
                 crop_size=model.crop_size,

@@ -5,19 +5,35 @@ Table 1 gives each ConvNet configuration's depth (weight layers). Tables 3-6 giv
 top-1 / top-5 error in %; Table 6 also gives one test-set top-5 error per row where the paper lists one.
 Dense evaluation (§3.2) is the paper's default test protocol for Tables 3 and 4.
 
-Scales are written in the paper's pixels (crop 224): a fixed training scale S is "256" or "384", the
-jittered S in [256;512] is "256-512"; test scales Q are tuples of ints. `vggdist report` puts these next
-to an experiment's own numbers, which its runs label with the same paper-equivalent scales.
+Scales are written in the paper's pixels (crop 224): a fixed training scale S is "256" or "384" (or the
+tuple (256,)), the jittered S in [256;512] is "256-512" (or (256, 512)); test scales Q are tuples of ints.
+`to_crop` maps them to another crop size, e.g. the mini scale's 32. `vggdist report` puts the published
+numbers next to an experiment's own, which its runs label with the same paper-equivalent scales.
+
+The two network scales of the same protocol live here too (`SCALES`): the paper's (Table 1 widths, FC 4096,
+224 crops) and `mini`, the protocol shrunk so it trains on 2 CPU cores in minutes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Table 1: weight layers (conv + FC) of each configuration.
+# Table 1: weight layers (conv + FC) of each configuration, and its conv widths per block (§2.1).
 WEIGHT_LAYERS = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
 CONFIG_ORDER = tuple(WEIGHT_LAYERS)
+WIDTHS = (64, 128, 256, 512, 512)
+FC_WIDTH = 4096
+CROP = 224  # the training crop, and the unit of every scale in this module
 TRAIN_SCALE_ORDER = ("256", "384", "256-512")
+
+# The same protocol at two scales. Five 2x2 max-pools divide the crop by 32, so a crop must be a multiple of
+# 32: at crop 32 the last feature map is 1x1 and fc6 a plain (C -> fc_width) layer, a 1x1 conv in dense mode.
+# Each entry is `vggdist.models.build_vgg`'s keyword arguments.
+SCALES: dict[str, dict] = {
+    "paper": {"widths": WIDTHS, "fc_width": FC_WIDTH, "crop_size": CROP},
+    "mini": {"widths": (16, 32, 64, 128, 128), "fc_width": 256, "crop_size": 32},
+}
 
 # The test protocols of §3.2 / §4.3 under the names used in metrics and eval_results.json.
 PROTOCOL_LABELS = {
@@ -104,13 +120,23 @@ def table(number: int) -> list[PaperResult]:
     return rows
 
 
-def single_test_scale(train_scale: str) -> int:
+def to_crop(scale: int, crop_size: int) -> int:
+    """A paper scale (S or Q, pixels at crop 224) at another crop, in the same ratio: 256 -> 37 at crop 32."""
+    return round(scale * crop_size / CROP)
+
+
+def scale_label(train_scale: Sequence[int]) -> str:
+    """(256,) -> "256", (256, 512) -> "256-512": the label of a training scale in tags and tables."""
+    return "-".join(str(int(s)) for s in train_scale)
+
+
+def single_test_scale(train_scale: str | Sequence[int]) -> int:
     """Table 3's Q for a training scale: Q = S for fixed S, the middle of [S_min;S_max] when jittered."""
     lo, hi = _bounds(train_scale)
     return (lo + hi) // 2
 
 
-def multi_test_scales(train_scale: str) -> tuple[int, ...]:
+def multi_test_scales(train_scale: str | Sequence[int]) -> tuple[int, ...]:
     """Table 4's Q set: {S-32, S, S+32} for fixed S, {S_min, (S_min+S_max)/2, S_max} when jittered."""
     lo, hi = _bounds(train_scale)
     if lo == hi:
@@ -118,7 +144,9 @@ def multi_test_scales(train_scale: str) -> tuple[int, ...]:
     return (lo, (lo + hi) // 2, hi)
 
 
-def _bounds(train_scale: str) -> tuple[int, int]:
+def _bounds(train_scale: str | Sequence[int]) -> tuple[int, int]:
+    if not isinstance(train_scale, str):
+        train_scale = scale_label(train_scale)
     parts = train_scale.split("-")
     if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
         raise ValueError(f"training scale {train_scale!r} must look like '256' or '256-512'")

@@ -27,12 +27,13 @@ import ray.train.torch
 import torch
 
 from vggdist import checkpoint as ckpt
-from vggdist import data, tracking
+from vggdist import data, runmeta, tracking
 from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
-from vggdist.runmeta import TAG_LR_SCHEDULE, TAG_WARNING
+from vggdist.models import unwrap_model
+from vggdist.shardformat import data_dirs, read_manifest, read_stats, split_dir
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
-from vggdist.transforms import DeviceAugment, load_stats
+from vggdist.transforms import DeviceAugment
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,6 @@ class TrainResult:
     best_checkpoint: str | None
     metrics: dict[str, float]
     warning: str | None = None  # the stall guard's warning, when training did not learn
-
-
-def data_dirs(data_dir: str | os.PathLike) -> tuple[Path, Path | None]:
-    """`--data DIR` holds DIR/train and (optionally) DIR/val, each written by `vggdist-preprocess shard --out`
-    (or DIR is the train split itself); raises `data.DataError` (a ValueError) naming the command to run."""
-    root = Path(data_dir).expanduser().resolve()
-    train_dir = data.split_dir(root, "train").resolve()
-    try:
-        val_dir = data.split_dir(root, "val").resolve()
-    except data.DataError:
-        val_dir = None  # training without per-epoch validation
-    return train_dir, val_dir
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -142,7 +131,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     if cfg.run.compile:
         model = torch.compile(model)
 
-    stats = load_stats(lc["train_dir"])
+    stats = read_stats(lc["train_dir"])
     augment = DeviceAugment.from_stats(stats, cfg.data)
     loop = TrainLoop(
         model,
@@ -160,7 +149,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     if resumed is not None:
         with resumed.as_directory() as d:
             state = ckpt.load(d)
-        ckpt.unwrap(model).load_state_dict(state["model"])
+        unwrap_model(model).load_state_dict(state["model"])
         loop.load_state_dict(state["train_state"], state.get("optimizer"))
         log.info("rank %d resumed from %s at epoch %d", rank, resumed.path, loop.epoch)
 
@@ -170,7 +159,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
         else tracking.NullTracker()
     )
     if mapping and resumed is None:
-        tracker.set_tags({tracking.TAG_INIT_MAPPING: json.dumps(mapping)})
+        tracker.set_tags({runmeta.TAG_INIT_MAPPING: json.dumps(mapping)})
     placement = {
         "rank": rank,
         "node_rank": ctx.get_node_rank(),
@@ -181,7 +170,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     if world > 1:
         everyone = [None] * world
         torch.distributed.all_gather_object(everyone, placement)
-    tracker.set_tags({"vggdist.workers": json.dumps(everyone)})  # where each rank ran (node rank, address)
+    tracker.set_tags({runmeta.TAG_WORKERS: json.dumps(everyone)})  # where each rank ran (node rank, address)
 
     def train_batches(epoch: int):
         torch.manual_seed(
@@ -217,8 +206,8 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
         last.clear()
         last.update(metrics)
         name = f"epoch_{lp.epoch:03d}"
-        if "val/samples" in metrics:
-            data.check_eval_count(int(metrics["val/samples"]), expected_val)  # every val image counted once
+        if runmeta.VAL_SAMPLES in metrics:  # every val image counted once
+            data.check_eval_count(int(metrics[runmeta.VAL_SAMPLES]), expected_val)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt.save(
@@ -240,12 +229,12 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=name,
                 )
-            tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=lp.epoch)
-            tags = {tracking.TAG_CHECKPOINT: f"{lc['storage_root']}/{name}"}
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != runmeta.EPOCH}, step=lp.epoch)
+            tags = {runmeta.TAG_CHECKPOINT: f"{lc['storage_root']}/{name}"}
             if lp.stall_guard.warning:
-                tags[TAG_WARNING] = lp.stall_guard.warning
+                tags[runmeta.TAG_WARNING] = lp.stall_guard.warning
             if lp.schedule.events:
-                tags[TAG_LR_SCHEDULE] = json.dumps([e.to_dict() for e in lp.schedule.events])
+                tags[runmeta.TAG_LR_SCHEDULE] = json.dumps([e.to_dict() for e in lp.schedule.events])
             tracker.set_tags(tags)
         else:
             ray.train.report(_score(metrics))
@@ -262,7 +251,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
 def _score(metrics: dict[str, float]) -> dict[str, float]:
     """Ray keeps the k best checkpoints by `score` (plus always the latest): -val error, or -train error without val."""
     out = dict(metrics)
-    out["score"] = -metrics.get("val/top1_err", metrics.get("train/top1_err", 100.0))
+    out["score"] = -metrics.get(runmeta.VAL_TOP1_ERR, metrics.get(runmeta.TRAIN_TOP1_ERR, 100.0))
     return out
 
 
@@ -277,7 +266,7 @@ def train(
 ) -> TrainResult:
     """Run one training of `cfg` on the shards under `data_dir`; returns the MLflow run and checkpoints."""
     train_dir, val_dir = data_dirs(data_dir)
-    manifest = data.read_manifest(train_dir)
+    manifest = read_manifest(train_dir)
     num_classes = len(manifest["classes"])
     plan = batch_plan(cfg.optim, cfg.run.workers)
     samples = cfg.schedule.samples_per_epoch or int(manifest["num_samples"])
@@ -297,13 +286,13 @@ def train(
     if "://" not in storage:
         storage = os.path.abspath(storage)
     tags = {
-        tracking.TAG_CONFIG: cfg.model.name,
-        tracking.TAG_MANIFEST: tracking.manifest_hash(train_dir),
-        tracking.TAG_CODE_VERSION: tracking.code_version(),
-        "vggdist.ray_run_name": run_name,
-        "vggdist.storage": f"{storage}/{run_name}",
-        **({tracking.TAG_STAGE: stage} if stage else {}),
-        **({tracking.TAG_INIT_FROM: init_from_run} if init_from_run else {}),
+        runmeta.TAG_CONFIG: cfg.model.name,
+        runmeta.TAG_MANIFEST: runmeta.manifest_hash(train_dir),
+        runmeta.TAG_CODE_VERSION: runmeta.code_version(),
+        runmeta.TAG_RAY_RUN_NAME: run_name,
+        runmeta.TAG_STORAGE: f"{storage}/{run_name}",
+        **({runmeta.TAG_STAGE: stage} if stage else {}),
+        **({runmeta.TAG_INIT_FROM: init_from_run} if init_from_run else {}),
         **(extra_tags or {}),
     }
     existing = _unfinished_run(cfg.run.experiment, run_name, uri)
@@ -324,9 +313,9 @@ def train(
             "run.steps_per_epoch": steps,
             "run.batch_size_per_worker": plan.batch_size_per_worker,
             "run.accum_steps": plan.accum_steps,
-            "data.manifest_sha256": tags[tracking.TAG_MANIFEST],
-            # DESIGN §5 lists the code version among the params; a resumed run keeps the one it started with
-            **({} if existing else {"code_version": tags[tracking.TAG_CODE_VERSION]}),
+            "data.manifest_sha256": tags[runmeta.TAG_MANIFEST],
+            # the code version is a param too; a resumed run keeps the one it started with
+            **({} if existing else {"code_version": tags[runmeta.TAG_CODE_VERSION]}),
         }
     )
     log.info(
@@ -395,7 +384,7 @@ def train(
         warning=(result.return_value or {}).get("warning"),
     )
     tracker.set_tags(
-        {tracking.TAG_CHECKPOINT: out.checkpoint or "", "vggdist.best_checkpoint": out.best_checkpoint or ""}
+        {runmeta.TAG_CHECKPOINT: out.checkpoint or "", runmeta.TAG_BEST_CHECKPOINT: out.best_checkpoint or ""}
     )
     tracker.end("FINISHED")
     return out
@@ -405,7 +394,7 @@ def _unfinished_run(experiment: str, run_name: str, uri: str) -> str | None:
     """The MLflow run of an earlier, interrupted `train` with the same run name: resuming logs into it."""
     try:
         runs = tracking.find_runs(
-            experiment, filter_string=f"tags.`vggdist.ray_run_name` = '{run_name}'", uri=uri
+            experiment, filter_string=f"tags.`{runmeta.TAG_RAY_RUN_NAME}` = '{run_name}'", uri=uri
         )
     except Exception:  # experiment does not exist yet
         return None
@@ -465,7 +454,7 @@ def evaluate(
     run_or_checkpoint: str,
     data_dir: str,
     *,
-    protocols: tuple[str, ...] = ("single", "dense", "multicrop", "combined"),
+    protocols: tuple[str, ...] = runmeta.PROTOCOLS,
     scales: list[int] | None = None,
     paper_scales: list[int] | None = None,
     ensemble: list[str] | None = None,
@@ -484,7 +473,7 @@ def evaluate(
 
     ensure_ray(address)
     uri = tracking.tracking_uri()
-    val_dir = data.split_dir(data_dir, split)
+    val_dir = split_dir(data_dir, split)
     members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]
     cfg = ckpt.load_config(members[0][0])
     scales = list(scales or cfg.eval.test_scales)
@@ -498,16 +487,17 @@ def evaluate(
     run_id = members[0][1]
     if log_to_run and run_id:
         tracker = tracking.Tracker.start(run_id=run_id, uri=uri)
-        prefix = "eval_fusion" if ensemble else "eval"
-        metrics = {}
-        for r in rows:
-            for kind in ("top1_err", "top5_err"):
-                name = tracking.eval_metric_name(r["protocol"], r["scales"], kind)
-                metrics[name.replace("eval/", f"{prefix}/", 1)] = r[kind]
+        prefix = runmeta.EVAL_FUSION if ensemble else runmeta.EVAL
+        metrics = {
+            runmeta.eval_metric_name(r["protocol"], r["scales"], kind, prefix): r[kind]
+            for r in rows
+            for kind in runmeta.ERROR_KINDS
+        }
         tracker.log_metrics(metrics, step=0)
-        tracking.log_eval_table(tracker, rows, name="eval_fusion_results" if ensemble else "eval_results")
+        artifact = runmeta.FUSION_EVAL_RESULTS if ensemble else runmeta.EVAL_RESULTS
+        tracking.log_eval_table(tracker, rows, name=artifact)
         tracker.flush()
-    return {"rows": rows, "markdown": tracking.markdown_table(rows), "run_id": run_id}
+    return {"rows": rows, "markdown": runmeta.markdown_table(rows), "run_id": run_id}
 
 
 def evaluate_fusion(

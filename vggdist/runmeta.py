@@ -1,7 +1,8 @@
-"""Run metadata without MLflow: tag and metric names (DESIGN §5), code version, dataset manifest hash, tables.
+"""The MLflow contract without MLflow: every tag, metric, artifact and protocol name, plus run metadata.
 
-Kept apart from `vggdist.tracking` (the one module that talks to MLflow) so that naming and metadata can be used
-and tested without an MLflow client; `vggdist.tracking` re-exports every name here.
+A user's scripts, the MLflow UI's columns and `vggdist report` read runs by these names, so their string values
+never change. Kept apart from `vggdist.tracking` (the code that talks to MLflow) so that the training loop, the
+evaluation and the sweep can name things without an MLflow client; `vggdist.tracking` re-exports the names.
 """
 
 from __future__ import annotations
@@ -17,24 +18,73 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vggdist.shardformat import MANIFEST, SHARD_COMMAND
+
 DEFAULT_EXPERIMENT = "vggdist"
 
-# Tags (DESIGN §5). TAG_CHECKPOINT is rewritten every epoch with the latest checkpoint location.
-TAG_CONFIG = "vggdist.config"
-TAG_STAGE = "vggdist.stage"
-TAG_INIT_FROM = "vggdist.init_from"
-TAG_INIT_MAPPING = "vggdist.init_mapping"
-TAG_CHECKPOINT = "vggdist.checkpoint"
+# The test protocols of §3.2 / §4, in the order tables list them (labels: `vggdist.paper.PROTOCOL_LABELS`).
+SINGLE, DENSE, MULTICROP, COMBINED = "single", "dense", "multicrop", "combined"
+PROTOCOLS = (SINGLE, DENSE, MULTICROP, COMBINED)
+
+# ---------------------------------------------------------------------------------------------------- tags
+# A training run.
+TAG_CONFIG = "vggdist.config"  # the Table 1 column
+TAG_STAGE = "vggdist.stage"  # the sweep stage key
+TAG_INIT_FROM = "vggdist.init_from"  # the run whose weights started this one
+TAG_INIT_MAPPING = "vggdist.init_mapping"  # JSON: source layer -> target layer of the staged init
+TAG_CHECKPOINT = "vggdist.checkpoint"  # the latest checkpoint, rewritten every epoch
+TAG_BEST_CHECKPOINT = "vggdist.best_checkpoint"
 TAG_MANIFEST = "vggdist.data_manifest_sha256"
 TAG_CODE_VERSION = "vggdist.code_version"
+TAG_WORKERS = "vggdist.workers"  # JSON: rank, node rank, local rank and IP of every worker
+TAG_RAY_RUN_NAME = "vggdist.ray_run_name"  # rerunning with this name resumes the run
+TAG_STORAGE = "vggdist.storage"  # the run's Ray storage directory
 TAG_WARNING = "vggdist.warning"  # a training-health warning (e.g. the stall guard's), in words
 TAG_LR_SCHEDULE = "vggdist.lr_schedule"  # JSON list of the lr schedule's decisions, each with its reason
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # nests a sweep stage under the sweep run (MLflow's own tag)
+# A sweep: its parent run and the stages' child runs.
+TAG_SWEEP = "vggdist.sweep"  # SWEEP_PARENT on the sweep's run; the parent run id on its children
+SWEEP_PARENT = "parent"
+TAG_SWEEP_NAME = "vggdist.sweep_name"
+TAG_PLAN = "vggdist.plan"
+TAG_TRAIN_SCALE = "vggdist.train_scale"  # paper-equivalent S label: "256", "384", "256-512"
+TAG_EVALUATED = "vggdist.evaluated"  # "true" once the stage's evaluation is logged
+TAG_FUSION_DONE = "vggdist.fusion_done"  # "true" on the parent once the fusion results are logged
+TRUE = "true"
 
-PROTOCOLS = ("single", "dense", "multicrop", "combined")
+# ------------------------------------------------------------------------------------------------- metrics
+# Per epoch (step = epoch), as `vggdist.train.TrainLoop.fit` reports them.
+TRAIN_LOSS = "train/loss"
+TRAIN_TOP1_ERR = "train/top1_err"
+TRAIN_IMG_PER_S = "train/img_per_s"
+TRAIN_SAMPLES = "train/samples"
+VAL_TOP1_ERR = "val/top1_err"
+VAL_TOP5_ERR = "val/top5_err"
+VAL_SAMPLES = "val/samples"
+LR = "lr"
+LR_DROPPED = "lr_dropped"  # 1.0 in an epoch whose validation plateau divided the lr
+LR_DROPS = "lr_drops"
+EPOCH = "epoch"  # reported to Ray with the metrics; the MLflow step, not a metric
+# Every `run.log_every_steps` optimiser steps (step = global step).
+STEP_LOSS = "train/step_loss"
+STEP_IMG_PER_S = "train/step_img_per_s"
+STEP_LR = "train/step_lr"
+# Evaluation: `eval_metric_name`; a fusion logged on its first member uses the prefix EVAL_FUSION.
+EVAL = "eval"
+EVAL_FUSION = "eval_fusion"
+ERROR_KINDS = ("top1_err", "top5_err")
+
+# ----------------------------------------------------------------------------------------------- artifacts
+EVAL_RESULTS = "eval_results"  # .json ({"rows": [...]}) and .md on an evaluated run
+FUSION_EVAL_RESULTS = "eval_fusion_results"  # the same for `vggdist evaluate --ensemble`
+FUSION_RESULTS = "fusion_results.json"  # a sweep's Table 6 rows, on its parent run
+PLAN_ARTIFACT = "plan.yaml"  # a sweep's plan, on its parent run
+REPORT_DIR = "report"  # `vggdist report`'s files, on the sweep's parent run
 
 
-def eval_metric_name(protocol: str, scales: list[int] | tuple[int, ...], kind: str) -> str:
+def eval_metric_name(
+    protocol: str, scales: list[int] | tuple[int, ...], kind: str, prefix: str = EVAL
+) -> str:
     """`eval/<protocol>/Q<scales>/<kind>`, e.g. eval/combined/Q256-384-512/top5_err (scales sorted)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -43,7 +93,7 @@ def eval_metric_name(protocol: str, scales: list[int] | tuple[int, ...], kind: s
         raise ValueError(f"test scales must be positive integers, got {list(scales)!r}")
     if not re.fullmatch(r"[a-z0-9_]+", kind):
         raise ValueError(f"metric kind {kind!r} must be lower-case letters, digits and _ (e.g. top1_err)")
-    return f"eval/{protocol}/Q{'-'.join(str(q) for q in qs)}/{kind}"
+    return f"{prefix}/{protocol}/Q{'-'.join(str(q) for q in qs)}/{kind}"
 
 
 def parse_eval_metric_name(name: str) -> tuple[str, tuple[int, ...], str] | None:
@@ -96,16 +146,13 @@ def code_version() -> str:
 
 def manifest_hash(data_dir: str | os.PathLike) -> str:
     """sha256 of DIR/manifest.json as written by `vggdist-preprocess shard`."""
-    path = Path(data_dir) / "manifest.json"
+    path = Path(data_dir) / MANIFEST
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} not found; --data must be a directory written by `vggdist-preprocess shard`"
+            f"{path} not found; --data must be a directory written by `{SHARD_COMMAND}`"
         ) from None
-
-
-# ------------------------------------------------------------------------------------------- Tracker
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

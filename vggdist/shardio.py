@@ -24,8 +24,6 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator
 
-import webdataset as wds
-
 __all__ = ["TarError", "TarWriter", "iter_members", "tar_samples"]
 
 _BLOCK = 512
@@ -169,6 +167,8 @@ def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
         url = source["url"]
         path = _local_path(url)
         if path is None:
+            import webdataset as wds  # pipe:, s3://, http…; imported here: webdataset loads torch
+
             yield from wds.tarfile_to_samples()([source])
             continue
         sample: dict | None = None

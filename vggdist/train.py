@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vggdist.checkpoint import unwrap
+from vggdist import runmeta
 from vggdist.config import Config, OptimConfig
+from vggdist.models import unwrap_model
 from vggdist.schedule import DROP, LrSchedule, StallGuard
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class TrainLoop:
         self.reduce = reduce or (lambda t: t)
         self.is_rank0 = is_rank0
         self.optimizer = build_optimizer(model, cfg.optim)
-        num_classes = num_classes or int(getattr(unwrap(model), "num_classes", 0)) or None
+        num_classes = num_classes or int(getattr(unwrap_model(model), "num_classes", 0)) or None
         self.schedule = LrSchedule(cfg.optim, cfg.schedule, steps_per_epoch, num_classes)
         self.stall_guard = StallGuard(cfg.schedule, cfg.run, cfg.optim, num_classes or 0)
         self.epoch = 0  # epochs completed
@@ -209,9 +210,9 @@ class TrainLoop:
                     dt = time.perf_counter() - window_t0
                     log_fn(
                         {
-                            "train/step_loss": float(summed[0] / summed[2]),
-                            "train/step_img_per_s": float(summed[2] / dt),
-                            "train/step_lr": self.schedule.lr(self.step),
+                            runmeta.STEP_LOSS: float(summed[0] / summed[2]),
+                            runmeta.STEP_IMG_PER_S: float(summed[2] / dt),
+                            runmeta.STEP_LR: self.schedule.lr(self.step),
                         },
                         self.step,
                     )
@@ -220,11 +221,11 @@ class TrainLoop:
         elapsed = time.perf_counter() - t0
         loss_sum, top1, n = (float(v) for v in epoch_totals)
         return {
-            "train/loss": loss_sum / n,
-            "train/top1_err": 100.0 * (1.0 - top1 / n),
-            "train/img_per_s": n / elapsed,
-            "train/samples": n,
-            "lr": self.schedule.lr(self.step - 1),
+            runmeta.TRAIN_LOSS: loss_sum / n,
+            runmeta.TRAIN_TOP1_ERR: 100.0 * (1.0 - top1 / n),
+            runmeta.TRAIN_IMG_PER_S: n / elapsed,
+            runmeta.TRAIN_SAMPLES: n,
+            runmeta.LR: self.schedule.lr(self.step - 1),
         }
 
     def _check_finite(self, summed: torch.Tensor) -> None:
@@ -237,9 +238,7 @@ class TrainLoop:
     @torch.no_grad()
     def validate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """Single-scale centre-crop validation; exact counts summed over ranks (no padding, no dropped batch)."""
-        net = unwrap(
-            self.model
-        )  # no DDP collectives during evaluation: ranks may hold different numbers of images
+        net = unwrap_model(self.model)  # no DDP collectives here: ranks may hold different numbers of images
         net.eval()
         counts = torch.zeros(3, device=self.device, dtype=torch.float64)  # (n, top1_correct, top5_correct)
         for images, labels in batches:
@@ -256,11 +255,11 @@ class TrainLoop:
             )
         n, top1, top5 = (float(v) for v in self.reduce(counts))
         if n == 0:
-            return {"val/samples": 0.0}
+            return {runmeta.VAL_SAMPLES: 0.0}
         return {
-            "val/samples": n,
-            "val/top1_err": 100.0 * (1 - top1 / n),
-            "val/top5_err": 100.0 * (1 - top5 / n),
+            runmeta.VAL_SAMPLES: n,
+            runmeta.VAL_TOP1_ERR: 100.0 * (1 - top1 / n),
+            runmeta.VAL_TOP5_ERR: 100.0 * (1 - top5 / n),
         }
 
     def fit(
@@ -277,22 +276,22 @@ class TrainLoop:
         """
         while self.epoch < self.cfg.schedule.epochs and not self.schedule.stopped:
             metrics = self.train_epoch(train_batches(self.epoch), log_fn)
-            warning = self.stall_guard.observe(metrics["train/loss"], self.epoch + 1)
+            warning = self.stall_guard.observe(metrics[runmeta.TRAIN_LOSS], self.epoch + 1)
             if warning and self.is_rank0:
                 log.warning(warning)
             if val_batches is not None:
                 metrics.update(self.validate(val_batches()))
-                if "val/top1_err" in metrics:
+                if runmeta.VAL_TOP1_ERR in metrics:
                     event = self.schedule.observe(
-                        metrics["val/top1_err"],
+                        metrics[runmeta.VAL_TOP1_ERR],
                         epoch=self.epoch + 1,
-                        n=int(metrics["val/samples"]),
-                        train_loss=metrics["train/loss"],
+                        n=int(metrics[runmeta.VAL_SAMPLES]),
+                        train_loss=metrics[runmeta.TRAIN_LOSS],
                     )
-                    metrics["lr_dropped"] = float(event is not None and event.action == DROP)
+                    metrics[runmeta.LR_DROPPED] = float(event is not None and event.action == DROP)
             self.epoch += 1
-            metrics["epoch"] = float(self.epoch)
-            metrics["lr_drops"] = float(self.schedule.drops)
+            metrics[runmeta.EPOCH] = float(self.epoch)
+            metrics[runmeta.LR_DROPS] = float(self.schedule.drops)
             on_epoch_end(metrics, self)
 
 

@@ -62,12 +62,10 @@ typical shift of ~5 grey levels along the first axis at σ = 0.1. No clipping af
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,6 +73,7 @@ from PIL import Image
 from torch import nn
 
 from vggdist.config import JPEG_DECODERS, DataConfig
+from vggdist.shardformat import check_stats
 
 try:  # the window decoder (C, system libjpeg-turbo): optional, built at install time when headers exist
     from vggdist import _jpegcrop
@@ -97,7 +96,6 @@ __all__ = [
     "collate_images",
     "decode_for_size",
     "decode_rescaled",
-    "load_stats",
     "normalize",
     "pca_color_offset",
     "rescaled_crop",
@@ -108,7 +106,6 @@ __all__ = [
     "window_crop",
 ]
 
-STATS_FILE = "stats.json"
 # λ of stats.json (variances of 0–255 values) → the factor that makes Σ α λ p an offset in 0–255 units under
 # the [0, 1]-pixel convention (see the module docstring).
 EIGVAL_TO_PIXELS = 1.0 / 255.0
@@ -437,28 +434,6 @@ def collate_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
 # Device side: batched float maths, with the statistics of stats.json
 
 
-def load_stats(data_dir: str | Path) -> dict:
-    """stats.json (mean RGB, covariance, PCA of the training pixels) of `data_dir` or of `data_dir/train`."""
-    path = Path(data_dir) / STATS_FILE
-    if not path.is_file() and (Path(data_dir) / "train" / STATS_FILE).is_file():
-        path = Path(data_dir) / "train" / STATS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: write the training shards and their stats with "
-            f"`vggdist-preprocess shard --split train --out {data_dir}`"
-        )
-    try:
-        stats = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"{path} is not valid JSON ({e}); re-run `vggdist-preprocess shard --split train` to rewrite it"
-        ) from e
-    missing = [k for k in ("mean_rgb", "eigenvalues", "eigenvectors") if k not in stats]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; re-run `vggdist-preprocess shard --split train`")
-    return stats
-
-
 def pca_color_offset(alpha: torch.Tensor, eigval: torch.Tensor, eigvec: torch.Tensor) -> torch.Tensor:
     """AlexNet's colour shift: offset[n] = Σᵢ alpha[n, i] · eigval[i] · eigvec[i] → (N, 3) RGB.
 
@@ -503,20 +478,9 @@ class DeviceAugment(nn.Module):
     @classmethod
     def from_stats(cls, stats: dict, cfg: DataConfig) -> DeviceAugment:
         """Build from a stats.json dict and the data config (σ of the colour shift, normalisation choice)."""
+        check_stats(stats)
         eigval = np.asarray(stats["eigenvalues"], dtype=np.float64)
         eigvec = np.asarray(stats["eigenvectors"], dtype=np.float64)
-        if eigval.shape != (3,) or eigvec.shape != (3, 3):
-            raise ValueError(
-                "stats.json needs 3 eigenvalues and a 3x3 eigenvectors list; re-run preprocessing"
-            )
-        if "cov_rgb" in stats:
-            # Catch a transposed matrix (numpy's eigh returns eigenvectors as columns): C pᵢ must equal λᵢ pᵢ.
-            cov = np.asarray(stats["cov_rgb"], dtype=np.float64)
-            if not np.allclose(eigvec @ cov, eigval[:, None] * eigvec, atol=1e-3 * max(eigval.max(), 1e-9)):
-                raise ValueError(
-                    "stats.json: eigenvectors[i] is not the eigenvector of eigenvalues[i] of cov_rgb "
-                    "(a transposed matrix?); rewrite it with `vggdist-preprocess shard --split train`"
-                )
         std = None
         if cfg.normalize == "mean_std":
             if "cov_rgb" not in stats:
@@ -529,11 +493,6 @@ class DeviceAugment(nn.Module):
             cfg.color_shift_std,
             std,
         )
-
-    @classmethod
-    def from_dir(cls, data_dir: str | Path, cfg: DataConfig) -> DeviceAugment:
-        """`from_stats(load_stats(data_dir), cfg)`."""
-        return cls.from_stats(load_stats(data_dir), cfg)
 
     def forward(
         self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None

@@ -2,7 +2,8 @@
 
 import pytest
 
-from vggdist.sweep import Plan, Stage, builtin_plan, load_plan, plan_to_yaml, stage_config, table4_scales
+from vggdist.paper import multi_test_scales
+from vggdist.plan import Plan, Stage, builtin_plan, load_plan, plan_to_yaml, stage_config
 
 
 def test_paper_plan_is_the_studys_dag():
@@ -23,9 +24,11 @@ def test_paper_plan_is_the_studys_dag():
 
 
 def test_table4_scale_sets():
-    assert table4_scales((256,)) == (224, 256, 288)
-    assert table4_scales((384,)) == (352, 384, 416)
-    assert table4_scales((256, 512)) == (256, 384, 512)
+    assert multi_test_scales((256,)) == multi_test_scales("256") == (224, 256, 288)
+    assert multi_test_scales((384,)) == (352, 384, 416)
+    assert multi_test_scales((256, 512)) == multi_test_scales("256-512") == (256, 384, 512)
+    jitter = next(s for s in builtin_plan("paper").stages if s.key == "4-D-S256-512")
+    assert jitter.scale_label == "256-512" and jitter.paper_test_scales == (256, 384, 512)
 
 
 def test_stage_config_maps_paper_scales_to_the_preset_crop():
