@@ -13,9 +13,13 @@ EXIF-rotated and progressive inputs all become an RGB JPEG.
   earlier artifacts), and q90 is visually lossless at about 60 % of the bytes of q95, which the training
   loader then decodes faster. Colour profiles are not applied (values are taken as sRGB, as torchvision's
   loader does); alpha is composited onto white.
-- **Refused** (:class:`Rejected` with a short machine-readable reason): ``empty``, ``undecodable``,
-  ``truncated``, ``too_many_pixels`` (decompression bomb, checked from the header before any decoding),
-  ``aspect_ratio`` (longest / shortest side above ``max_aspect``), ``unsupported_mode``.
+- **Refused** (:class:`Rejected` with a short machine-readable reason): ``empty``, ``unsupported_format``
+  (a format outside :data:`FORMATS`, e.g. EPS or PDF: never handed to its decoder, so Ghostscript never runs),
+  ``undecodable``, ``truncated``, ``too_many_pixels`` (decompression bomb, checked from the header before any
+  decoding), ``aspect_ratio`` (longest / shortest side above ``max_aspect``), ``unsupported_mode``.
+
+Only a content problem is a refusal. ``MemoryError`` is not caught here: running out of memory says nothing
+about the image, so it reaches the shard task, which is retried (`preprocess.runner`).
 
 Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT (``Image.draft``) when that still leaves at least the
 target size, so no single file costs more than tens of milliseconds.
@@ -49,6 +53,11 @@ _ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION_TAG = 0x0112
+
+# Pillow formats an input may be (by content, whatever its extension): JPEG (MPO, the multi-picture JPEG, opens
+# as JPEG), PNG, and the other raster formats torchvision's ImageFolder takes (.bmp .gif .tif .webp .ppm/.pgm).
+# Pillow's other plugins are never tried: some hand the file to external programs (EPS → Ghostscript).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 
 @dataclass(frozen=True)
@@ -117,13 +126,20 @@ def to_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> Encoded:
         with warnings.catch_warnings():
             # Our own pixel limit below decides; Pillow's bomb warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
         raise Rejected("too_many_pixels", str(e)) from None
     except Image.UnidentifiedImageError:
+        fmt = sniff_format(data)
+        if fmt is not None and fmt not in FORMATS:
+            raise Rejected(
+                "unsupported_format", f"{fmt} is not an accepted image format ({', '.join(FORMATS)})"
+            ) from None
         raise Rejected(
             "undecodable", f"not an image format Pillow reads (starts with {data[:8]!r})"
         ) from None
+    except MemoryError:
+        raise
     except Exception as e:  # SyntaxError, struct errors … from broken headers
         raise Rejected("undecodable", f"broken image header ({type(e).__name__}: {e})") from None
 
@@ -158,12 +174,29 @@ def to_jpeg(data: bytes, limits: ImageLimits = ImageLimits()) -> Encoded:
     return Encoded(jpeg=jpeg, pixels=decode_rgb(jpeg), reencoded=True)
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The format whose magic bytes ``data`` starts with (Pillow's plugins' prefix checks, which parse nothing;
+    plus PDF, which Pillow writes but does not read), or None."""
+    prefix = data[:16]
+    if prefix.startswith(b"%PDF-"):
+        return "PDF"
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        if accept is not None and accept(prefix):
+            return fmt
+    return None
+
+
 def decode_rgb(jpeg: bytes) -> np.ndarray:
     """(H, W, 3) uint8 pixels of an RGB JPEG, decoded in full (what the statistics and `verify` measure)."""
     pixels = _fast_rgb(jpeg)
     if pixels is not None:
         return pixels
-    with Image.open(io.BytesIO(jpeg)) as im:
+    try:
+        im = Image.open(io.BytesIO(jpeg), formats=("JPEG",))
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"expected an RGB JPEG, got {sniff_format(jpeg) or 'unknown data'}") from None
+    with im:
         if im.format != "JPEG" or im.mode != "RGB":
             raise ValueError(f"expected an RGB JPEG, got {im.format} {im.mode}")
         im.load()
@@ -232,6 +265,8 @@ def _decode(im: Image.Image) -> None:
     """Decode every byte of the image data; a short stream is ``truncated``, anything else ``undecodable``."""
     try:
         im.load()
+    except MemoryError:
+        raise
     except Exception as e:
         text = str(e)
         if isinstance(e, EOFError) or "truncat" in text.lower() or "premature" in text.lower():

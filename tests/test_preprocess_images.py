@@ -162,3 +162,74 @@ def test_fast_decoder_hands_damaged_and_gray_files_to_pillow():
     assert images_mod._fast_rgb(gray.getvalue()) is None  # 1 component: not a shard JPEG
     with pytest.raises(ValueError, match="expected an RGB JPEG"):
         decode_rgb(gray.getvalue())
+
+
+def _saved(fmt: str, mode: str = "RGB", **kw) -> bytes:
+    return fx.encode(Image.fromarray(fx.natural_rgb(48, 40, 12)).convert(mode), fmt, **kw)
+
+
+@pytest.mark.parametrize(
+    "fmt,mode",
+    [("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("PPM", "RGB"), ("PPM", "L")],
+    ids=["gif", "bmp", "tiff", "ppm", "pgm"],
+)
+def test_the_raster_formats_image_folders_hold_are_accepted(fmt, mode):
+    enc = to_jpeg(_saved(fmt, mode), LIMITS)
+    assert (enc.width, enc.height) == (48, 40) and enc.reencoded
+    assert (_stored(enc).format, _stored(enc).mode) == ("JPEG", "RGB")
+
+
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    "data,fmt",
+    [
+        (_EPS, "EPS"),
+        (_saved("PDF"), "PDF"),
+        (_saved("ICO"), "ICO"),
+        (_saved("PCX"), "PCX"),
+        (_saved("SGI"), "SGI"),
+        (_saved("DDS", "RGBA"), "DDS"),
+    ],
+    ids=["eps", "pdf", "ico", "pcx", "sgi", "dds"],
+)
+def test_other_formats_are_refused_by_their_magic_bytes_without_being_opened(data, fmt, monkeypatch):
+    opened = []
+    for plugin, (factory, accept) in list(Image.OPEN.items()):  # record any plugin asked to parse the file
+        monkeypatch.setitem(
+            Image.OPEN,
+            plugin,
+            (lambda *a, _f=factory, _p=plugin, **k: opened.append(_p) or _f(*a, **k), accept),
+        )
+    with pytest.raises(Rejected) as e:
+        to_jpeg(data, LIMITS)
+    assert (e.value.reason, fmt in e.value.detail) == ("unsupported_format", True)
+    assert "EPS" not in opened and all(p in images_mod.FORMATS for p in opened)
+
+
+def test_running_out_of_memory_while_decoding_is_not_a_reject(tmp_path):
+    """A real MemoryError (address space capped in a child process) must reach the caller: the shard task is
+    retried, the image is not written off as undecodable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import io, resource\n"
+        "from PIL import Image\n"
+        "from preprocess.images import ImageLimits, Rejected, to_jpeg\n"
+        "buf = io.BytesIO(); Image.new('RGB', (6000, 6000), (10, 20, 30)).save(buf, 'PNG')\n"
+        "size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + 60 * 2**20, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    to_jpeg(buf.getvalue(), ImageLimits(max_side=64))\n"
+        "except MemoryError:\n"
+        "    print('MemoryError')\n"
+        "except Rejected as e:\n"
+        "    print('Rejected', e.reason)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "MemoryError", res.stdout + res.stderr
