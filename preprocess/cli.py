@@ -1,6 +1,8 @@
 """The ``vggdist-preprocess`` console script: ``shard``, ``verify``, ``stats`` (paper §3.1 data).
 
-Exit codes: 0 done, 1 ``verify`` found problems, 2 a usage or input error (one line naming the fix).
+Exit codes: 0 done; 2 a usage or input error, before anything is written (one line naming the fix); 1 the job
+ran and stopped (one line saying why and that rerunning the same command resumes; ``--verbose`` adds the
+traceback), ``verify`` found problems, or an internal error (its traceback). See `preprocess.failures`.
 """
 
 from __future__ import annotations
@@ -8,10 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import traceback
 
+from preprocess.failures import JobFailed, RetryPolicy
 from preprocess.images import ImageLimits
-from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, JobError, ShardJob, run_shard_job
+from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, JobError, ShardHooks, ShardJob, run_shard_job
 from preprocess.sources import SourceError
 from preprocess.stats import format_stats
 from preprocess.verify import verify
@@ -19,6 +24,21 @@ from vggdist.shardformat import SPLITS, DataError, read_stats
 
 log = logging.getLogger(__name__)
 _D = ImageLimits()
+_FLAGS = {  # ImageLimits field → its flag, for messages
+    "max_side": "--max-side",
+    "quality": "--quality",
+    "max_pixels": "--max-pixels",
+    "max_aspect": "--max-aspect",
+    "max_file_bytes": "--max-file-bytes",
+}
+
+
+def byte_count(text: str) -> int:
+    """``67108864``, ``64M``, ``64MiB``, ``1.5G`` → bytes (K, M, G are powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 67108864, 64M, 1G)")
+    return int(float(match[1]) * 1024 ** " KMG".index((match[2] or " ").upper()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest/shortest side limit (default %(default)s)",
     )
     s.add_argument(
+        "--max-file-bytes",
+        type=byte_count,
+        default=_D.max_file_bytes,
+        help="larger input files are rejected (too_large) without being read; accepts 64M, 1G "
+        "(default %(default)s = 64 MiB)",
+    )
+    s.add_argument(
         "--workers", type=int, help="parallel tasks (default: all CPUs); 1 without --address runs without Ray"
     )
     s.add_argument(
@@ -74,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the output of a different command in --out"
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the traceback of a failure")
 
     v = sub.add_parser("verify", help="check every shard against manifest.json; exit 1 on any mismatch")
     v.add_argument("dir")
@@ -84,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, hooks: ShardHooks | None = None, retry: RetryPolicy | None = None
+) -> int:
+    """Run the command line; return its exit code. ``hooks`` and ``retry`` reach `run_shard_job` (extension
+    points for tests and embedding; the command line itself has no hidden switches)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
@@ -92,34 +124,62 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         if args.command == "shard":
-            return _shard(args)
+            return _shard(args, hooks, retry or RetryPolicy())
         if args.command == "verify":
             return _verify(args)
-        print(format_stats(read_stats(args.dir)))
+        print(format_stats(_existing(read_stats, args.dir)))
         return 0
-    except (JobError, SourceError, DataError, FileNotFoundError) as e:
+    except (JobError, SourceError, DataError) as e:
         print(f"vggdist-preprocess: error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"vggdist-preprocess: error: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print("vggdist-preprocess: internal error (traceback above)", file=sys.stderr)
+        return 1
 
 
-def _shard(args: argparse.Namespace) -> int:
+def _existing(read, directory: str):
+    """``read(directory)``; a missing manifest.json / stats.json is a usage error (the wrong directory)."""
+    try:
+        return read(directory)
+    except FileNotFoundError as e:
+        raise JobError(str(e)) from None
+
+
+def _shard(args: argparse.Namespace, hooks: ShardHooks | None, retry: RetryPolicy) -> int:
     if args.workers is not None and args.workers < 1:
         raise JobError(f"--workers must be ≥ 1, got {args.workers}")
     try:
-        limits = ImageLimits(args.max_side, args.quality, args.max_pixels, args.max_aspect)
+        limits = ImageLimits(
+            args.max_side, args.quality, args.max_pixels, args.max_aspect, args.max_file_bytes
+        )
     except ValueError as e:
-        raise JobError(str(e).replace("max_side", "--max-side").replace("max_", "--max-")) from None
+        text = str(e)
+        for field, flag in _FLAGS.items():
+            text = re.sub(rf"\b{field}\b", flag, text)
+        raise JobError(text) from None
     job = ShardJob(args.source, args.split, args.out, args.labels, limits, args.samples_per_shard, args.seed)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     summary = run_shard_job(
-        job, workers=args.workers, address=address, overwrite=args.overwrite, progress=not args.no_progress
+        job,
+        workers=args.workers,
+        address=address,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        hooks=hooks,
+        retry=retry,
     )
     print(summary.format())
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    problems = verify(args.dir, workers=args.workers)
+    problems = _existing(lambda d: verify(d, workers=args.workers), args.dir)
     for p in problems:
         print(p)
     if problems:

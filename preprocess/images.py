@@ -60,6 +60,9 @@ _EXIF_ORIENTATION_TAG = 0x0112
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 
+MAX_FILE_BYTES = 64 * 2**20  # default input size cap (64 MiB)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """What an input may be and how it is stored. Part of a job's identity (recorded in manifest.json)."""
@@ -70,6 +73,8 @@ class ImageLimits:
         89_478_485  # header width × height above this is a decompression bomb (Pillow's default)
     )
     max_aspect: float = 20.0  # longest / shortest side above this is refused
+    # larger input files are refused unread: a photo at the pixel limit is ~10-40 MB as a JPEG
+    max_file_bytes: int = MAX_FILE_BYTES
 
     def __post_init__(self) -> None:
         if self.max_side < 1:
@@ -80,6 +85,8 @@ class ImageLimits:
             raise ValueError(f"max_pixels must be ≥ 1, got {self.max_pixels}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be ≥ 1, got {self.max_aspect}")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be ≥ 1, got {self.max_file_bytes}")
 
 
 class Rejected(Exception):

@@ -109,6 +109,7 @@ def finalize(
         "quality": job.limits.quality,
         "max_pixels": job.limits.max_pixels,
         "max_aspect": job.limits.max_aspect,
+        "max_file_bytes": job.limits.max_file_bytes,
         "samples_per_shard": job.samples_per_shard,
         "seed": job.seed,
         "classes": [{"index": i, "wnid": c.wnid, "name": c.name} for i, c in enumerate(listing.classes)],

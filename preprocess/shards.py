@@ -8,12 +8,20 @@ How a job runs (``run_shard_job``)
    (so every shard mixes all classes even though the train tar is grouped by class), val inputs keep source
    order; then consecutive runs of ``samples_per_shard`` inputs form shard ``{split}-{index:06d}.tar``. Inputs
    rejected while decoding simply leave their shard a little short.
+   Nothing has been written yet: the arguments, the source, ``--out`` (`_check_claim`) and the Ray connection
+   (`runner.ray_pool`) are all checked before ``--out`` is created, so bad input leaves nothing behind.
 3. One task per shard (a Ray task, or in-process when ``workers == 1`` and no cluster address): it reads its
    inputs in place with ``pread``, writes the tar under a hidden temporary name, fsyncs, renames it to its final
    name, then atomically writes a done-marker ``.parts/<shard>.json`` (keys, rejects, exact RGB moments, bytes,
-   sha256, and the hash of the inputs it was planned with).
-4. When every shard is done, ``rejects.jsonl``, ``stats.json`` and last ``manifest.json`` are assembled from the
-   markers (`preprocess.manifest`).
+   sha256, and the hash of the inputs it was planned with). A task whose input cannot be *read* (I/O error,
+   memory) fails as a whole, removes its temporary file and is retried (`preprocess.runner`); only content
+   problems become rejects (`preprocess.failures` says which failure is which).
+4. When every shard is done and present in ``--out`` with its recorded size (a non-shared ``--out`` on a
+   multi-node cluster is refused here), ``rejects.jsonl``, ``stats.json`` and last ``manifest.json`` are
+   assembled from the markers (`preprocess.manifest`).
+
+Extension points: :class:`ShardHooks` (called while a shard is written, where the task runs) is how tests slow a
+job down, kill it between the rename and the marker, or make the source storage fail.
 
 Resume: a rerun of the same command re-lists, re-plans (same plan), skips shards whose marker matches the plan
 and whose file has the recorded size, and redoes the rest from scratch — so a kill -9 at any moment (mid-tar,
@@ -26,6 +34,7 @@ writing one directory at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -33,13 +42,24 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from preprocess import runner
 from preprocess import stats as stats_mod
+from preprocess.failures import (
+    TRANSIENT_ERRNOS,
+    InputUnavailable,
+    JobError,
+    JobFailed,
+    OutputError,
+    RetryPolicy,
+    is_output_error,
+)
 from preprocess.images import ImageLimits, Rejected, to_jpeg
 from preprocess.manifest import JobSummary, finalize, write_json_atomic
 from preprocess.sources import ByteReader, Item, Listing, list_source
@@ -55,15 +75,11 @@ from vggdist.shardformat import (
 )
 from vggdist.shardio import TarWriter
 
+__all__ = ["JobError", "JobFailed", "ShardHooks", "ShardJob", "run_shard_job", "write_shard"]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES_PER_SHARD = 1280  # × ~110 kB per ImageNet sample at max side 512 ≈ 140 MB per shard
-_TEST_SLEEP_ENV = "VGGDIST_PREPROCESS_TEST_SLEEP_S"  # test hook: seconds to sleep per image
-_TEST_EXIT_ENV = "VGGDIST_PREPROCESS_TEST_EXIT_AFTER_RENAME"  # test hook: os._exit after renaming this shard
-
-
-class JobError(Exception):
-    """A shard command that cannot run as given (exit code 2); the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -144,52 +160,97 @@ class _HashingWriter:
         return self.bytes
 
 
+@dataclass(frozen=True)
+class ShardHooks:
+    """Optional callables run while a shard is written, where its task runs (a Ray worker process when Ray is
+    used: they must pickle). They are the documented way to inject faults and delays (the tests do).
+
+    - ``before_read(item)``: just before an input's bytes are read. An ``OSError`` (or ``MemoryError``) it raises
+      is handled exactly as the source storage failing on that read.
+    - ``after_image(item)``: after each input is written or rejected.
+    - ``after_rename(shard_name)``: once the shard file has its final name, before its done-marker is written.
+    """
+
+    before_read: Callable[[Item], None] | None = None
+    after_image: Callable[[Item], None] | None = None
+    after_rename: Callable[[str], None] | None = None
+
+
+_NO_HOOKS = ShardHooks()
+_DEFAULT_RETRY = RetryPolicy()
+
+
 def write_shard(
-    out_dir: str, task: ShardTask, limits: ImageLimits, on_image: Callable[[], None] | None = None
+    out_dir: str,
+    task: ShardTask,
+    limits: ImageLimits,
+    on_image: Callable[[], None] | None = None,
+    hooks: ShardHooks | None = None,
 ) -> dict:
-    """Write one shard (temp name → fsync → rename) and its done-marker; return the marker."""
+    """Write one shard (temp name → fsync → rename) and its done-marker; return the marker.
+
+    Raises :class:`~preprocess.failures.InputUnavailable` when an input cannot be read (I/O error, memory; the
+    caller retries the whole shard) and :class:`~preprocess.failures.OutputError` when ``out_dir`` cannot be
+    written; either way the temporary file is removed and no marker is written.
+    """
+    hooks = hooks or _NO_HOOKS
     out = Path(out_dir)
     final = out / task.name
     tmp = out / f".{task.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     moments = stats_mod.RGBMoments()
-    keys, rejects, reencoded = [], [], 0
-    sleep_s = float(os.environ.get(_TEST_SLEEP_ENV, "0") or 0)
-    with open(tmp, "wb") as raw, ByteReader() as reader:
-        hw = _HashingWriter(raw)
-        # what tarfile (PAX format) would write, byte for byte, ~10x cheaper per member (vggdist.shardio)
-        with TarWriter(hw) as tar:
-            for item, cls in task.items:
-                if sleep_s:
-                    time.sleep(sleep_s)
-                try:
-                    enc = to_jpeg(reader.read(item), limits)
-                except Rejected as r:
-                    rejects.append({"source": item.source, "reason": r.reason, "detail": r.detail})
-                except OSError as e:
-                    rejects.append({"source": item.source, "reason": "unreadable", "detail": str(e)})
-                except Exception as e:  # a decoder bug must cost one image, not the job, and never silently
-                    detail = f"{type(e).__name__}: {e}"
-                    rejects.append({"source": item.source, "reason": "processing_error", "detail": detail})
-                else:
-                    meta = {
-                        "wnid": item.wnid,
-                        "source": item.source,
-                        "width": enc.width,
-                        "height": enc.height,
-                    }
-                    tar.add(f"{item.key}.jpg", enc.jpeg)
-                    tar.add(f"{item.key}.cls", str(cls).encode())
-                    tar.add(f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
-                    moments.add_image(enc.pixels)
-                    keys.append(item.key)
-                    reencoded += enc.reencoded
-                if on_image is not None:
-                    on_image()
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, final)
-    if os.environ.get(_TEST_EXIT_ENV) == task.name:
-        os._exit(137)  # test hook: die like kill -9 between the rename and the marker
+    keys, rejects, reencoded, done = [], [], 0, 0
+    hw = None
+    try:
+        with open(tmp, "wb") as raw, ByteReader(limits.max_file_bytes) as reader:
+            hw = _HashingWriter(raw)
+            # what tarfile (PAX format) would write, byte for byte, ~10x cheaper per member (vggdist.shardio)
+            with TarWriter(hw) as tar:
+                for item, cls in task.items:
+                    try:
+                        enc = to_jpeg(_read_input(reader, item, task.name, hooks), limits)
+                    except Rejected as r:
+                        rejects.append({"source": item.source, "reason": r.reason, "detail": r.detail})
+                    except InputUnavailable:
+                        raise
+                    except MemoryError as e:  # says nothing about the image: retry the shard
+                        raise InputUnavailable.from_error(item.source, e, task.name) from e
+                    except (
+                        Exception
+                    ) as e:  # a decoder bug must cost one image, not the job, and never silently
+                        detail = f"{type(e).__name__}: {e}"
+                        rejects.append(
+                            {"source": item.source, "reason": "processing_error", "detail": detail}
+                        )
+                    else:
+                        meta = {
+                            "wnid": item.wnid,
+                            "source": item.source,
+                            "width": enc.width,
+                            "height": enc.height,
+                        }
+                        tar.add(f"{item.key}.jpg", enc.jpeg)
+                        tar.add(f"{item.key}.cls", str(cls).encode())
+                        tar.add(f"{item.key}.json", json.dumps(meta, sort_keys=True).encode())
+                        moments.add_image(enc.pixels)
+                        keys.append(item.key)
+                        reencoded += enc.reencoded
+                    done += 1
+                    if on_image is not None:
+                        on_image()
+                    if hooks.after_image is not None:
+                        hooks.after_image(item)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # reads are handled above: this is writing out_dir
+            written = hw.bytes if hw is not None else 0
+            raise OutputError.from_oserror(e, tmp, shard=task.name, written=written, inputs_done=done) from e
+        raise
+    if hooks.after_rename is not None:
+        hooks.after_rename(task.name)
     marker = {
         "name": task.name,
         "plan_hash": task.plan_hash,
@@ -202,8 +263,25 @@ def write_shard(
         "rejects": rejects,
         "moments": moments.to_json(),
     }
-    write_json_atomic(out / PARTS / f"{task.name}.json", marker)
+    marker_path = out / PARTS / f"{task.name}.json"
+    try:
+        write_json_atomic(marker_path, marker)
+    except OSError as e:
+        raise OutputError.from_oserror(
+            e, marker_path, shard=task.name, written=hw.bytes, inputs_done=done
+        ) from e
     return marker
+
+
+def _read_input(reader: ByteReader, item: Item, shard: str, hooks: ShardHooks) -> bytes:
+    """The input's bytes; :class:`Rejected` for what the listing would have refused (not a regular file, too
+    large); an ``OSError`` is the source storage failing, not the image: :class:`InputUnavailable`."""
+    try:
+        if hooks.before_read is not None:
+            hooks.before_read(item)
+        return reader.read(item)
+    except OSError as e:
+        raise InputUnavailable.from_error(item.source, e, shard) from e
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -216,70 +294,164 @@ def run_shard_job(
     address: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    hooks: ShardHooks | None = None,
+    retry: RetryPolicy = _DEFAULT_RETRY,
 ) -> JobSummary:
     """List, plan, write every missing shard (Ray tasks, or in-process for ``workers == 1`` without an
-    ``address``), then assemble rejects.jsonl, stats.json and manifest.json. Rerunning resumes."""
+    ``address``), then assemble rejects.jsonl, stats.json and manifest.json. Rerunning resumes.
+
+    Raises :class:`JobError` (the command cannot run as given; nothing was written) or :class:`JobFailed`
+    (it ran and stopped: an input the storage would not give, an ``--out`` that is full, read-only or not
+    shared; a rerun resumes). ``hooks`` run inside every shard task; ``retry`` says how often and how patiently
+    a shard whose inputs could not be read is tried again.
+    """
     t0 = time.perf_counter()
     out = Path(job.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PARTS).mkdir(exist_ok=True)
-    with _exclusive_lock(out):
-        listing = list_source(job.source, job.labels)
-        if not listing.items and not listing.rejects:
-            raise JobError(f"--source {job.source} holds no inputs")
-        tasks = plan_shards(listing, job.split, job.seed, job.samples_per_shard)
-        identity = {**job.identity(), "plan": _fingerprint(listing, tasks)}
-        _claim_output(out, identity, overwrite)
-        for stale in out.glob(f".{job.split}-*.tar.tmp-*"):  # left by a killed run
-            stale.unlink()
-        markers = {t.name: _done_marker(out, t) for t in tasks}
-        pending = [t for t in tasks if markers[t.name] is None]
-        done_inputs = len(listing.rejects) + sum(len(t.items) for t in tasks if markers[t.name] is not None)
-        log.info("%d inputs in %d shards: %d shards to write", listing.num_inputs, len(tasks), len(pending))
-        bar = _progress_bar(listing.num_inputs, done_inputs, progress)
-        try:
-            if address is None and (workers or os.cpu_count() or 1) == 1:
-                for t in pending:
-                    markers[t.name] = write_shard(str(out), t, job.limits, on_image=lambda: bar.update(1))
-            else:
-                for marker in _run_on_ray(str(out), pending, job.limits, workers, address):
-                    markers[marker["name"]] = marker
-                    bar.update(marker["inputs"])
-        finally:
-            bar.close()
-        summary = finalize(out, job, identity, listing, tasks, markers)
+    if address is not None:
+        runner.check_address(address)  # a typo fails in seconds, not after listing a 150 GB tar
+    listing = _list_source(job, retry)
+    if not listing.items and not listing.rejects:
+        raise JobError(f"--source {job.source} holds no inputs")
+    tasks = plan_shards(listing, job.split, job.seed, job.samples_per_shard)
+    identity = {**job.identity(), "plan": _fingerprint(listing, tasks)}
+    _check_out(out, job)
+    _check_claim(out, identity, overwrite)
+    in_process = address is None and (workers or os.cpu_count() or 1) == 1
+    with contextlib.nullcontext(None) if in_process else runner.ray_pool(address, workers) as ray_workers:
+        with _writing(out):  # from here on, an OSError is --out failing
+            out.mkdir(parents=True, exist_ok=True)
+            (out / PARTS).mkdir(exist_ok=True)
+            with _exclusive_lock(out):
+                _claim_output(out, identity, overwrite)
+                for stale in out.glob(f".{job.split}-*.tar.tmp-*"):  # left by a killed run
+                    stale.unlink()
+                markers = {t.name: _done_marker(out, t) for t in tasks}
+                pending = [t for t in tasks if markers[t.name] is None]
+                done = len(listing.rejects) + sum(len(t.items) for t in tasks if markers[t.name] is not None)
+                log.info(
+                    "%d inputs in %d shards: %d shards to write", listing.num_inputs, len(tasks), len(pending)
+                )
+                bar = _progress_bar(listing.num_inputs, done, progress)
+                try:
+                    if ray_workers is None:
+                        results = runner.run_in_process(
+                            pending, _in_process_writer(out, job, hooks, bar), retry
+                        )
+                    else:
+                        args = (str(out), job.limits, None, hooks)
+                        results = runner.run_on_ray(pending, write_shard, args, ray_workers, retry)
+                    for marker in results:
+                        markers[marker["name"]] = marker
+                        if ray_workers is not None:
+                            bar.update(marker["inputs"])
+                except OutputError as e:
+                    raise _with_estimate(e, out, tasks, markers) from e
+                finally:
+                    bar.close()
+                _check_shards_present(out, tasks, markers)
+                summary = finalize(out, job, identity, listing, tasks, markers)
     summary.elapsed_s = time.perf_counter() - t0
     summary.processed = sum(len(t.items) for t in pending)
     summary.resumed_shards = len(tasks) - len(pending)
     return summary
 
 
-def _run_on_ray(
-    out: str, pending: list[ShardTask], limits: ImageLimits, workers: int | None, address: str | None
-):
-    """Yield markers as shard tasks finish, with at most ``workers`` tasks in flight."""
-    import ray
+def _list_source(job: ShardJob, retry: RetryPolicy) -> Listing:
+    """``list_source`` (reads only), tried again like a shard when the source storage fails transiently."""
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return list_source(job.source, job.labels, job.limits.max_file_bytes)
+        except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS and attempt < retry.attempts:
+                log.warning("listing --source: %s; retrying in %.1f s", e, retry.delay(attempt))
+                time.sleep(retry.delay(attempt))
+                continue
+            raise JobFailed(
+                f"listing --source failed: {e}; rerun the same command once the source storage is readable"
+            ) from e
+    raise AssertionError("unreachable")
 
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False)
-        started = True
+
+def _check_out(out: Path, job: ShardJob) -> None:
+    """Refuse an --out that cannot hold shards (nothing is created here)."""
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out} exists and is not a directory; choose a directory")
+    source = Path(job.source).expanduser().resolve()
+    if source.is_dir() and (out == source or source in out.parents):
+        raise JobError(
+            f"--out {out} lies inside --source {source}: its shards would become inputs; choose an --out "
+            "outside the source"
+        )
+
+
+def _in_process_writer(out: Path, job: ShardJob, hooks: ShardHooks | None, bar) -> Callable:
+    """``write_shard`` for the in-process path, moving the progress bar per image (and back on a retry)."""
+
+    def write(task: ShardTask) -> dict:
+        count = 0
+
+        def on_image() -> None:
+            nonlocal count
+            count += 1
+            bar.update(1)
+
+        try:
+            return write_shard(str(out), task, job.limits, on_image=on_image, hooks=hooks)
+        except BaseException:
+            bar.update(-count)
+            raise
+
+    return write
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """Turn an ``OSError`` about writing --out (no space, read-only, permission, I/O) into an OutputError."""
     try:
-        if workers is None:
-            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
-        queue, in_flight = list(pending), []
-        while queue or in_flight:
-            while queue and len(in_flight) < workers:
-                in_flight.append(remote.remote(out, queue.pop(0), limits))
-            ready, in_flight = ray.wait(in_flight, num_returns=1)
-            yield ray.get(ready[0])
-    finally:
-        if started:
-            ray.shutdown()
+        yield
+    except OSError as e:
+        if not is_output_error(e):
+            raise
+        raise OutputError.from_oserror(e, out) from e
+
+
+def _with_estimate(e: OutputError, out: Path, tasks: list[ShardTask], markers: dict) -> OutputError:
+    """``e`` saying how much space the failing shard and the rest of the plan need (bytes per input so far)."""
+    done = [m for m in markers.values() if m is not None]
+    bytes_done = sum(m["bytes"] for m in done) + e.written
+    inputs_done = sum(m["inputs"] for m in done) + e.inputs_done
+    if not inputs_done:
+        return e
+    per_input = bytes_done / inputs_done
+    shard = next((t for t in tasks if t.name == e.shard), None)
+    shard_bytes = per_input * len(shard.items) if shard is not None else 0
+    remaining = per_input * sum(len(t.items) for t in tasks if markers[t.name] is None)
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return e
+    return e.with_estimate(int(shard_bytes), int(remaining), free)
+
+
+def _check_shards_present(out: Path, tasks: list[ShardTask], markers: dict) -> None:
+    """Every shard a task reported is in ``out`` with the size it recorded: a task on another node whose --out
+    is a local directory writes shards this driver never sees, and the manifest must not list them."""
+    wrong = []
+    for t in tasks:
+        try:
+            size = (out / t.name).stat().st_size
+        except FileNotFoundError:
+            wrong.append(f"{t.name} (missing)")
+            continue
+        if size != markers[t.name]["bytes"]:
+            wrong.append(f"{t.name} ({size:,} bytes, written as {markers[t.name]['bytes']:,})")
+    if wrong:
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise JobFailed(
+            f"{len(wrong)} of {len(tasks)} shards are not in {out} as their tasks wrote them: "
+            f"{', '.join(wrong[:5])}{more}. --out must be shared storage that every Ray node sees at the same "
+            "path (NFS, EFS, a parallel filesystem); rerun with such an --out"
+        )
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -331,23 +503,33 @@ def _fingerprint(listing: Listing, tasks: list[ShardTask]) -> str:
     return h.hexdigest()
 
 
-def _claim_output(out: Path, identity: dict, overwrite: bool) -> None:
-    """Resume only the same command; refuse anything else over existing output unless ``overwrite``."""
+def _check_claim(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse (reading only) an --out holding another command's output or files this tool did not write,
+    unless ``overwrite``; the same command's output is resumed."""
+    if not out.is_dir():
+        return
     job_file = out / PARTS / "job.json"
     if job_file.is_file():
         previous = json.loads(job_file.read_text())
-        if previous == identity:
+        if previous == identity or overwrite:
             return
         diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
         what = "the source content changed" if diff == ["plan"] else f"{', '.join(diff)} differ"
-        if not overwrite:
-            raise JobError(
-                f"{out} holds the output of a different command ({what}); pass --overwrite to replace it or use another --out"
-            )
-    elif any(p.name not in (PARTS,) for p in out.iterdir()) and not overwrite:
+        raise JobError(
+            f"{out} holds the output of a different command ({what}); pass --overwrite to replace it or use another --out"
+        )
+    if any(p.name != PARTS for p in out.iterdir()) and not overwrite:
         raise JobError(
             f"{out} is not empty and was not written by this command; pass --overwrite or use another --out"
         )
+
+
+def _claim_output(out: Path, identity: dict, overwrite: bool) -> None:
+    """Resume only the same command; replace another's output only with ``overwrite`` (under the lock)."""
+    _check_claim(out, identity, overwrite)
+    job_file = out / PARTS / "job.json"
+    if job_file.is_file() and json.loads(job_file.read_text()) == identity:
+        return
     if overwrite:
         _remove_outputs(out)
     write_json_atomic(job_file, identity)

@@ -11,6 +11,15 @@ Layouts
   ImageFolder, which walks recursively); files directly in ROOT belong to no class and are not inputs (logged).
   Names starting with ``.`` are skipped (``.DS_Store``, ``.ipynb_checkpoints``). Every other file is an input,
   whatever its extension: decoding goes by content, and what does not decode is rejected with a reason.
+  The walk never leaves ROOT and never opens anything but regular files:
+
+  - symbolic links are followed only while they stay inside ROOT (a class folder that links out of it is an
+    error; a link inside a class folder that leads out is the reject ``outside_source``, never read);
+  - each directory is listed once, by its (device, inode): a link or bind mount back to a directory already
+    listed (a loop) is skipped with a warning;
+  - FIFOs, sockets, devices, broken links and link loops are the reject ``not_regular_file`` (a FIFO would
+    block the read for ever);
+  - files above ``max_file_bytes`` are the reject ``too_large``, from their size, without being read.
 - **ILSVRC2012_img_train.tar**: a tar of per-class tars ``n01440764.tar`` … each holding ``n01440764_*.JPEG``.
 - **ILSVRC2012_img_val.tar**: flat ``ILSVRC2012_val_%08d.JPEG`` with ``--labels``: the devkit's
   ``ILSVRC2012_validation_ground_truth.txt`` (line i = ILSVRC2012_ID of image i; ``meta.mat`` beside it maps
@@ -22,14 +31,18 @@ Class indices are always the sorted WordNet ids, so train and val agree with eac
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import itertools
 import logging
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from preprocess.images import MAX_FILE_BYTES, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +89,55 @@ class Listing:
         return len(self.items) + len(self.rejects)
 
 
-def read_bytes(item: Item) -> bytes:
+def read_bytes(item: Item, max_file_bytes: int | None = None) -> bytes:
     """The bytes of one input (a whole file, or a tar member's data read in place)."""
-    with open(item.path, "rb") as f:
-        if item.size < 0:
-            return f.read()
-        return os.pread(f.fileno(), item.size, item.offset)
+    with ByteReader(max_file_bytes) as reader:
+        return reader.read(item)
 
 
 class ByteReader:
-    """Reads many items, keeping one open descriptor per archive (a shard task reads ~1000 members of one tar)."""
+    """Reads many items, keeping one open descriptor per archive (a shard task reads ~1000 members of one tar).
 
-    def __init__(self) -> None:
+    A whole file is opened without following a final symbolic link and without blocking, and read only if it
+    is (still) a regular file of at most ``max_file_bytes``: otherwise :class:`~preprocess.images.Rejected`
+    (``not_regular_file``, ``too_large``), as the listing would have said. Any other ``OSError`` is the storage
+    failing, not the image, and is left to the caller.
+    """
+
+    def __init__(self, max_file_bytes: int | None = None) -> None:
         self._fds: dict[str, int] = {}
+        self._max = max_file_bytes
 
     def read(self, item: Item) -> bytes:
         if item.size < 0:
-            with open(item.path, "rb") as f:
-                return f.read()
+            return self._read_file(item)
         fd = self._fds.get(item.path)
         if fd is None:
-            fd = self._fds[item.path] = os.open(item.path, os.O_RDONLY)
+            fd = self._fds[item.path] = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
         data = os.pread(fd, item.size, item.offset)
         if len(data) != item.size:
             raise OSError(
                 f"{item.source}: read {len(data)} of {item.size} bytes (archive changed or truncated?)"
             )
+        return data
+
+    def _read_file(self, item: Item) -> bytes:
+        try:
+            fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise Rejected(
+                    "not_regular_file", f"{item.path} became a symbolic link after listing"
+                ) from None
+            raise
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Rejected("not_regular_file", f"{_kind(st.st_mode)}, not a regular file")
+            limit = self._max if self._max is not None else -1
+            data = f.read(limit + 1 if limit >= 0 else -1)
+        if limit >= 0 and len(data) > limit:
+            raise Rejected("too_large", f"more than {limit:,} bytes (--max-file-bytes)")
         return data
 
     def close(self) -> None:
@@ -121,7 +157,9 @@ def sanitize_key(text: str) -> str:
     return _KEY_UNSAFE.sub("_", text)
 
 
-def list_source(source: str | Path, labels: str | Path | None = None) -> Listing:
+def list_source(
+    source: str | Path, labels: str | Path | None = None, max_file_bytes: int = MAX_FILE_BYTES
+) -> Listing:
     """List an image folder, a train tar-of-tars or a flat val tar (with ``labels``); see the module docstring."""
     path = Path(source).expanduser()
     if not path.exists():
@@ -130,7 +168,9 @@ def list_source(source: str | Path, labels: str | Path | None = None) -> Listing
     if path.is_dir():
         if labels is not None:
             log.warning("--labels is ignored for an image folder: the class is the folder name")
-        return list_image_folder(path)
+        return list_image_folder(path, max_file_bytes)
+    if not path.is_file():
+        raise SourceError(f"--source {path} is neither a directory nor a tar archive (a {_kind(path)})")
     if not tarfile.is_tarfile(path):
         raise SourceError(f"--source {path} is neither a directory nor a tar archive")
     try:
@@ -143,44 +183,155 @@ def list_source(source: str | Path, labels: str | Path | None = None) -> Listing
     if any(m.name.endswith(".tar") for m in first):
         if labels is not None:
             log.warning("--labels is ignored for a tar of per-class tars: the class is the inner tar's name")
-        return list_train_tar(path)
+        return list_train_tar(path, max_file_bytes)
     if labels is None:
         raise SourceError(
             f"--source {path} is a flat tar of images: pass --labels (ILSVRC2012_validation_ground_truth.txt "
             "with meta.mat beside it, or LOC_val_solution.csv)"
         )
-    return list_val_tar(path, Path(labels).expanduser().resolve())
+    return list_val_tar(path, Path(labels).expanduser().resolve(), max_file_bytes)
 
 
-def list_image_folder(root: Path) -> Listing:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _kind(what: Path | int) -> str:
+    """'a FIFO', 'a socket', … for a path (not following links) or an ``st_mode``."""
+    mode = what if isinstance(what, int) else os.lstat(what).st_mode
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A directory entry as the walk sees it: where it really is (links resolved) and what it is."""
+
+    shown: Path  # the path as found under ROOT (through links), used for keys and `source`
+    real: str  # the path with every link resolved (inside ROOT), used for reading
+    st: os.stat_result | None  # of `real`; None when it cannot be followed
+    problem: tuple[str, str] | None = None  # (reject reason, detail) when it must not be followed
+
+
+def _entry(shown: Path, root: str) -> _Entry:
+    """Follow ``shown`` if it is a link, refusing links that leave ``root``, dangle or loop (nothing is opened)."""
+    st = os.lstat(shown)
+    if not stat.S_ISLNK(st.st_mode):
+        return _Entry(shown, str(shown), st)
+    real = os.path.realpath(shown)
+    if os.path.commonpath([real, root]) != root:
+        return _Entry(shown, real, None, ("outside_source", f"symbolic link to {real}, outside --source"))
+    try:
+        return _Entry(shown, real, os.stat(real))
+    except FileNotFoundError:
+        return _Entry(shown, real, None, ("not_regular_file", f"broken symbolic link (to {real})"))
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        return _Entry(shown, real, None, ("not_regular_file", "symbolic link loop"))
+
+
+class _Walk:
+    """The image-folder walk: one class at a time, each directory once (by device and inode), inside ROOT."""
+
+    def __init__(self, root: Path, max_file_bytes: int) -> None:
+        self.root, self.max_file_bytes = str(root), max_file_bytes
+        self.items: list[Item] = []
+        self.rejects: list[dict] = []
+        self.seen: dict[tuple[int, int], Path] = {}
+        self.loops = 0
+
+    def first_visit(self, e: _Entry) -> bool:
+        ident = (e.st.st_dev, e.st.st_ino)
+        if ident in self.seen:
+            return False
+        self.seen[ident] = e.shown
+        return True
+
+    def walk_class(self, class_dir: Path, real: str) -> None:
+        """Files of a directory first (sorted), then its sub-directories (sorted), depth first: os.walk's order."""
+        stack = [(class_dir, real)]
+        while stack:
+            shown_dir, real_dir = stack.pop()
+            names = sorted(n for n in os.listdir(real_dir) if not n.startswith("."))
+            subdirs = []
+            for name in names:
+                e = _entry(Path(real_dir) / name, self.root)
+                e = _Entry(shown_dir / name, e.real, e.st, e.problem)
+                if e.st is not None and stat.S_ISDIR(e.st.st_mode):
+                    subdirs.append(e)
+                else:
+                    self._file(class_dir, e)
+            for e in reversed(subdirs):
+                if self.first_visit(e):
+                    stack.append((e.shown, e.real))
+                else:
+                    self.loops += 1
+                    log.warning(
+                        "%s: already listed as %s (a link or mount loop); skipped",
+                        e.shown,
+                        self.seen[(e.st.st_dev, e.st.st_ino)],
+                    )
+
+    def _file(self, class_dir: Path, e: _Entry) -> None:
+        source = str(e.shown)
+        if e.problem is not None:
+            self.rejects.append(_reject(source, *e.problem))
+        elif not stat.S_ISREG(e.st.st_mode):
+            self.rejects.append(_reject(source, "not_regular_file", f"{_kind(e.st.st_mode)}, never opened"))
+        elif e.st.st_size > self.max_file_bytes:
+            detail = f"{e.st.st_size:,} bytes, above --max-file-bytes {self.max_file_bytes:,}; not read"
+            self.rejects.append(_reject(source, "too_large", detail))
+        else:
+            rel = e.shown.relative_to(class_dir).as_posix()
+            stem = rel.rsplit(".", 1)[0] if "." in e.shown.name else rel
+            key = sanitize_key(f"{class_dir.name}_{stem}")
+            self.items.append(Item(key=key, wnid=class_dir.name, source=source, path=e.real))
+
+
+def list_image_folder(root: Path, max_file_bytes: int = MAX_FILE_BYTES) -> Listing:
+    walk = _Walk(root, max_file_bytes)
+    walk.first_visit(_entry(root, str(root)))
+    class_dirs, loose = [], []
+    for name in sorted(os.listdir(root)):
+        if name.startswith("."):
+            continue
+        e = _entry(root / name, str(root))
+        if e.problem is not None and e.problem[0] == "outside_source" and os.path.isdir(e.real):
+            raise SourceError(
+                f"--source {root}: class folder {name} is a symbolic link to {e.real}, outside --source; links "
+                "are not followed out of the source root: pass a directory that holds the class folders "
+                "themselves (a bind mount works), or remove the link"
+            )
+        if e.st is None or not stat.S_ISDIR(e.st.st_mode):
+            loose.append(name)
+        elif not walk.first_visit(e):
+            raise SourceError(
+                f"--source {root}: class folders {walk.seen[(e.st.st_dev, e.st.st_ino)].name} and {name} are "
+                "the same directory (a link); remove one"
+            )
+        else:
+            class_dirs.append(e)
     if not class_dirs:
         raise SourceError(f"--source {root} has no class sub-folders (expected ROOT/<class>/<images>)")
-    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     if loose:
         log.warning(
             "%d file(s) directly in %s belong to no class folder and are not inputs", len(loose), root
         )
-    items = []
-    for class_dir in class_dirs:
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                full = Path(dirpath) / name
-                rel = full.relative_to(class_dir).as_posix()
-                stem = rel.rsplit(".", 1)[0] if "." in name else rel
-                items.append(
-                    Item(
-                        key=sanitize_key(f"{class_dir.name}_{stem}"),
-                        wnid=class_dir.name,
-                        source=str(full),
-                        path=str(full),
-                    )
-                )
-    classes = [ClassInfo(d.name, d.name) for d in class_dirs]
-    return Listing("image_folder", str(root), classes, _unique_keys(items))
+    for e in class_dirs:
+        walk.walk_class(e.shown, e.real)
+    if walk.loops:
+        log.warning(
+            "%d directory link(s) led back to directories already listed; each was listed once", walk.loops
+        )
+    classes = [ClassInfo(e.shown.name, e.shown.name) for e in class_dirs]
+    return Listing("image_folder", str(root), classes, _unique_keys(walk.items), walk.rejects)
 
 
 def _unique_keys(items: list[Item]) -> list[Item]:
@@ -220,7 +371,15 @@ class _Slice:
         return data
 
 
-def list_train_tar(path: Path) -> Listing:
+def _too_large(source: str, size: int, max_file_bytes: int) -> dict | None:
+    if size <= max_file_bytes:
+        return None
+    return _reject(
+        source, "too_large", f"{size:,} bytes, above --max-file-bytes {max_file_bytes:,}; not read"
+    )
+
+
+def list_train_tar(path: Path, max_file_bytes: int = MAX_FILE_BYTES) -> Listing:
     items: list[Item] = []
     rejects: list[dict] = []
     wnids: set[str] = set()
@@ -248,6 +407,9 @@ def list_train_tar(path: Path) -> Listing:
                         _reject(src, "not_regular_file", "tar member is a link or device, not a file")
                     )
                     continue
+                if (big := _too_large(src, im.size, max_file_bytes)) is not None:
+                    rejects.append(big)
+                    continue
                 stem = Path(im.name).name.rsplit(".", 1)[0]
                 items.append(
                     Item(sanitize_key(stem), wnid, src, str(path), m.offset_data + im.offset_data, im.size)
@@ -258,7 +420,7 @@ def list_train_tar(path: Path) -> Listing:
     return Listing("train_tar", str(path), classes, _unique_keys(items), rejects)
 
 
-def list_val_tar(path: Path, labels: Path) -> Listing:
+def list_val_tar(path: Path, labels: Path, max_file_bytes: int = MAX_FILE_BYTES) -> Listing:
     classes, label_of = read_val_labels(labels)
     items, rejects = [], []
     with tarfile.open(path, "r:") as tf:
@@ -272,6 +434,9 @@ def list_val_tar(path: Path, labels: Path) -> Listing:
         wnid = label_of.get(stem)
         if wnid is None:
             rejects.append(_reject(src, "no_label", f"{stem} is not in {labels.name}"))
+            continue
+        if (big := _too_large(src, m.size, max_file_bytes)) is not None:
+            rejects.append(big)
             continue
         items.append(Item(sanitize_key(stem), wnid, src, str(path), m.offset_data, m.size))
     return Listing("val_tar", str(path), classes, _unique_keys(items), rejects)

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess import shards
 from preprocess.images import ImageLimits
 from preprocess.shards import JobError, ShardJob, plan_shards, run_shard_job
 from preprocess.sources import list_source
@@ -211,11 +210,10 @@ def test_a_different_command_over_existing_output_is_refused_unless_overwrite(re
     assert again.processed == 0 and again.resumed_shards == 8
 
 
-def _cli(train_tar: Path, out: Path, env: dict | None = None, **popen) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "preprocess",
+def _cli(train_tar: Path, out: Path, *faults: str, **popen) -> subprocess.Popen:
+    """`vggdist-preprocess shard` on ``train_tar`` as a real process; with ``faults`` (tests.preprocess_faults
+    options), through that test-only driver, which passes them to the job as ShardHooks."""
+    args = [
         "shard",
         "--source",
         str(train_tar),
@@ -231,10 +229,10 @@ def _cli(train_tar: Path, out: Path, env: dict | None = None, **popen) -> subpro
         "1",
         "--no-progress",
     ]
+    entry = ["-m", "tests.preprocess_faults", *faults, "--"] if faults else ["-m", "preprocess"]
     return subprocess.Popen(
-        cmd,
+        [sys.executable, *entry, *args],
         cwd=REPO,
-        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -255,7 +253,7 @@ def test_crash_between_shard_rename_and_marker_then_rerun_equals_uninterrupted(
     reference, train_tar, tmp_path
 ):
     out = tmp_path / "crash"
-    proc = _cli(train_tar, out, {shards._TEST_EXIT_ENV: "train-000002.tar"})
+    proc = _cli(train_tar, out, "--exit-after-rename", "train-000002.tar")
     assert proc.wait(timeout=60) == 137
     assert (out / "train-000002.tar").exists() and not (out / ".parts" / "train-000002.tar.json").exists()
     proc = _cli(train_tar, out)
@@ -267,7 +265,7 @@ def test_crash_between_shard_rename_and_marker_then_rerun_equals_uninterrupted(
 
 def test_kill_9_mid_run_then_rerun_equals_uninterrupted(reference, train_tar, tmp_path):
     out = tmp_path / "killed"
-    proc = _cli(train_tar, out, {shards._TEST_SLEEP_ENV: "0.05"})
+    proc = _cli(train_tar, out, "--sleep-per-image", "0.05")
     deadline = time.monotonic() + 60
     while not list((out / ".parts").glob("train-*.json")) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -155,3 +155,124 @@ def test_source_errors_name_the_fix(tmp_path):
     with pytest.raises(SourceError, match="ImageId"):
         list_source(flat, bad_csv)
     assert sanitize_key("a/b.c d") == "a_b_c_d"
+
+
+def _special_files(root, outside):
+    """Everything a walk must not open or follow out of ``root``, spread over classes a and b."""
+    import os
+    import socket
+
+    a, b = root / "a", root / "b"
+    os.mkfifo(a / "fifo.jpg")  # opening it for reading would block for ever
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(a / "sock.jpg"))
+    sock.close()
+    try:
+        os.mknod(a / "null.jpg", 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    except PermissionError:  # not root: a link to /dev/null is a device outside the root anyway
+        (a / "null.jpg").symlink_to("/dev/null")
+    (a / "out.jpg").symlink_to(outside / "x.jpg")  # a file outside the root
+    (a / "outdir").symlink_to(outside)  # a directory outside the root
+    (a / "loop").symlink_to(a)  # back to an ancestor
+    (a / "up").symlink_to("..")  # back to the root
+    (b / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (b / "self.jpg").symlink_to("self.jpg")  # a link loop
+    (b / "inside.jpg").symlink_to(a / "a_0.JPEG")  # inside the root: followed
+    (b / "sub").symlink_to(a / "deep")  # a directory inside the root, reached twice
+    (b / "big.jpg").write_bytes(fx.rgb_jpeg(64, 64) + bytes(5000))
+
+
+def test_image_folder_walk_opens_regular_files_only_and_never_leaves_the_source(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.jpg").write_bytes(fx.rgb_jpeg(30, 30))
+    (outside / "y.jpg").write_bytes(fx.rgb_jpeg(30, 30))
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            (root / c / f"{c}_{i}.JPEG").write_bytes(fx.rgb_jpeg(30 + i, 30))
+    (root / "a" / "deep").mkdir()
+    (root / "a" / "deep" / "d.jpg").write_bytes(fx.rgb_jpeg(30, 30))
+    _special_files(root, outside)
+
+    listing = list_source(root, max_file_bytes=4000)
+    reasons = {r["source"][len(str(root)) + 1 :]: r["reason"] for r in listing.rejects}
+    assert reasons == {
+        "a/fifo.jpg": "not_regular_file",
+        "a/sock.jpg": "not_regular_file",
+        "a/null.jpg": "not_regular_file" if not (root / "a/null.jpg").is_symlink() else "outside_source",
+        "a/out.jpg": "outside_source",
+        "a/outdir": "outside_source",
+        "b/dangling.jpg": "not_regular_file",
+        "b/self.jpg": "not_regular_file",
+        "b/big.jpg": "too_large",
+    }
+    details = {r["source"].rsplit("/", 1)[1]: r["detail"] for r in listing.rejects}
+    assert (
+        "a FIFO" in details["fifo.jpg"]
+        and "a socket" in details["sock.jpg"]
+        and "loop" in details["self.jpg"]
+    )
+    shown = sorted(it.source[len(str(root)) + 1 :] for it in listing.items)
+    assert shown == ["a/a_0.JPEG", "a/a_1.JPEG", "a/deep/d.jpg", "b/b_0.JPEG", "b/b_1.JPEG", "b/inside.jpg"]
+    inside = next(it for it in listing.items if it.source.endswith("inside.jpg"))
+    assert inside.wnid == "b" and inside.path == str(root / "a" / "a_0.JPEG")  # read where it really is
+    assert listing.num_inputs == 6 + 8 and all(str(outside) not in it.path for it in listing.items)
+
+
+def test_byte_reader_refuses_what_is_no_longer_a_regular_file_without_blocking(tmp_path):
+    import os
+
+    from preprocess.images import Rejected
+    from preprocess.sources import Item
+
+    os.mkfifo(tmp_path / "fifo")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(bytes(5000))
+    link = tmp_path / "link.jpg"
+    link.symlink_to(big)
+    with ByteReader(max_file_bytes=4000) as reader:
+        for path, reason in (
+            (tmp_path / "fifo", "not_regular_file"),
+            (big, "too_large"),
+            (link, "not_regular_file"),
+        ):
+            with pytest.raises(Rejected) as e:
+                reader.read(Item("k", "c", str(path), str(path)))
+            assert e.value.reason == reason
+        with pytest.raises(FileNotFoundError):  # the storage, not the image: left to the caller
+            reader.read(Item("k", "c", "gone", str(tmp_path / "gone.jpg")))
+    assert read_bytes(Item("k", "c", str(big), str(big))) == bytes(5000)
+
+
+def test_class_folders_that_leave_the_source_or_repeat_one_are_errors(tmp_path):
+    outside = tmp_path / "elsewhere" / "n02"
+    outside.mkdir(parents=True)
+    root = tmp_path / "root"
+    fx.make_image_folder(root, ["n01"], per_class=1)
+    (root / "n02").symlink_to(outside)
+    with pytest.raises(SourceError, match="n02 is a symbolic link to .*outside --source"):
+        list_source(root)
+    (root / "n02").unlink()
+    (root / "n03").symlink_to(root / "n01")
+    with pytest.raises(SourceError, match="n01 and n03 are the same directory"):
+        list_source(root)
+    (root / "n03").unlink()
+    (tmp_path / "link_to_root").symlink_to(root)  # the source itself may be a link
+    assert [c.wnid for c in list_source(tmp_path / "link_to_root").classes] == ["n01"]
+
+
+def test_tar_members_above_max_file_bytes_are_rejected_unread(tmp_path):
+    files = {"n01": {"n01_0.JPEG": fx.rgb_jpeg(40, 30), "n01_1.JPEG": fx.rgb_jpeg(40, 30) + bytes(6000)}}
+    train = list_source(fx.make_train_tar(tmp_path / "train.tar", files), max_file_bytes=5000)
+    assert [it.key for it in train.items] == ["n01_0"]
+    assert [(r["source"].rsplit("/", 1)[1], r["reason"]) for r in train.rejects] == [
+        ("n01_1.JPEG", "too_large")
+    ]
+    val = fx.write_tar(tmp_path / "val.tar", {**_val_files(2), "ILSVRC2012_val_00000003.JPEG": bytes(6000)})
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text(
+        "ImageId,PredictionString\n" + "".join(f"ILSVRC2012_val_0000000{i},n01 1 2 3 4\n" for i in (1, 2, 3))
+    )
+    listing = list_source(val, csv, max_file_bytes=5000)
+    assert len(listing.items) == 2 and [r["reason"] for r in listing.rejects] == ["too_large"]
