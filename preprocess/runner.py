@@ -69,7 +69,7 @@ def run_in_process(
         if failures:
             break  # start no new shard: the storage is failing; what is done is kept
     if failures:
-        raise ShardsFailed(failures)
+        raise ShardsFailed(failures) from failures[-1][0]
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:
@@ -184,4 +184,4 @@ def run_on_ray(
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
     if failures:
-        raise ShardsFailed(failures)
+        raise ShardsFailed(failures) from failures[-1][0]

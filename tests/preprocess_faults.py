@@ -96,3 +96,58 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+@dataclass(frozen=True)
+class MoveShardAway:
+    """after_rename: the shard lands where the driver does not look, as on a node whose --out is a local disk."""
+
+    out: str
+    elsewhere: str
+
+    def __call__(self, name: str) -> None:
+        os.replace(os.path.join(self.out, name), os.path.join(self.elsewhere, name))
+
+
+class SmallFilesystem:
+    """A real, small filesystem mounted for one test (tmpfs, else a loop-mounted ext4 image; root only), which a
+    test fills, frees, or remounts read-only."""
+
+    def __init__(self, base) -> None:
+        import subprocess
+
+        self.path = base / "mnt"
+        self.path.mkdir()
+        self._image = None
+        tmpfs = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(self.path)]
+        if subprocess.run(tmpfs, capture_output=True).returncode != 0:
+            self._image = base / "fs.img"
+            with open(self._image, "wb") as f:
+                f.truncate(32 * 2**20)
+            made = subprocess.run(["mkfs.ext4", "-q", "-F", str(self._image)], capture_output=True)
+            loop = ["mount", "-o", "loop", str(self._image), str(self.path)]
+            if made.returncode != 0 or subprocess.run(loop, capture_output=True).returncode != 0:
+                raise OSError("neither a tmpfs nor a loop-mounted image can be mounted here (needs root)")
+        self._filler = self.path / "filler"
+
+    def leave_free(self, nbytes: int) -> None:
+        """Fill the filesystem so that about ``nbytes`` stay free."""
+        free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+        with open(self._filler, "ab") as f:
+            f.write(bytes(max(0, free - nbytes)))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def free_space(self) -> None:
+        self._filler.unlink(missing_ok=True)
+
+    def remount(self, option: str) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", f"remount,{option}", str(self.path)], check=True, capture_output=True)
+
+    def unmount(self) -> None:
+        import subprocess
+
+        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)

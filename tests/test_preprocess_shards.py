@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -17,38 +16,26 @@ import pytest
 from PIL import Image
 
 from preprocess.images import ImageLimits
-from preprocess.shards import JobError, ShardJob, plan_shards, run_shard_job
+from preprocess.shards import JobError, plan_shards, run_shard_job
 from preprocess.sources import list_source
 from preprocess.verify import verify
 from vggdist.shardformat import read_manifest, read_stats
 
 try:
     from tests import preprocess_fixtures as fx
+    from tests import preprocess_jobs as jobs
 except ImportError:
     import preprocess_fixtures as fx
+    import preprocess_jobs as jobs
 
-REPO = Path(__file__).resolve().parent.parent
-WNIDS = ["n03000000", "n01000000", "n02000000"]
-LIMITS = ImageLimits(max_side=64)
-PER_SHARD = 5
-
-
-def _train_tar(path: Path) -> Path:
-    """3 classes × 6 plain JPEGs, plus every special kind spread over the classes (24 + 15 inputs)."""
-    per_class = {
-        w: {f"{w}_{i}.JPEG": fx.rgb_jpeg(60 + 7 * i, 50 + 5 * i, c * 10 + i) for i in range(8)}
-        for c, w in enumerate(WNIDS)
-    }
-    for i, (kind, data) in enumerate(sorted(fx.image_kinds().items())):
-        w = WNIDS[i % 3]
-        per_class[w][f"{w}_{kind}.JPEG"] = data
-    return fx.make_train_tar(path, per_class)
-
-
-def _job(source: Path, out: Path, **kw) -> ShardJob:
-    return ShardJob(
-        str(source), "train", str(out), limits=kw.pop("limits", LIMITS), samples_per_shard=PER_SHARD, **kw
-    )
+LIMITS, PER_SHARD, REPO, WNIDS = jobs.LIMITS, jobs.PER_SHARD, jobs.REPO, jobs.WNIDS
+_train_tar, _job, _samples, _assert_same_result = (
+    jobs.train_tar,
+    jobs.job,
+    jobs.samples,
+    jobs.assert_same_result,
+)
+_cli = jobs.cli
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +49,6 @@ def reference(train_tar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref")
     run_shard_job(_job(train_tar, out), workers=1, progress=False)
     return out
-
-
-def _samples(out: Path) -> dict[str, dict[str, bytes]]:
-    samples = {}
-    for s in read_manifest(out)["shards"]:
-        with tarfile.open(out / s["name"]) as t:
-            for m in t:
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = t.extractfile(m).read()
-    return samples
 
 
 def test_every_input_is_written_or_rejected_with_its_reason(reference, train_tar):
@@ -208,45 +185,6 @@ def test_a_different_command_over_existing_output_is_refused_unless_overwrite(re
     # the same command again is a no-op resume
     again = run_shard_job(_job(train_tar, out, limits=ImageLimits(max_side=32)), workers=1, progress=False)
     assert again.processed == 0 and again.resumed_shards == 8
-
-
-def _cli(train_tar: Path, out: Path, *faults: str, **popen) -> subprocess.Popen:
-    """`vggdist-preprocess shard` on ``train_tar`` as a real process; with ``faults`` (tests.preprocess_faults
-    options), through that test-only driver, which passes them to the job as ShardHooks."""
-    args = [
-        "shard",
-        "--source",
-        str(train_tar),
-        "--split",
-        "train",
-        "--out",
-        str(out),
-        "--max-side",
-        "64",
-        "--samples-per-shard",
-        str(PER_SHARD),
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    entry = ["-m", "tests.preprocess_faults", *faults, "--"] if faults else ["-m", "preprocess"]
-    return subprocess.Popen(
-        [sys.executable, *entry, *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,
-    )
-
-
-def _assert_same_result(out: Path, reference: Path) -> None:
-    a, b = read_manifest(out), read_manifest(reference)
-    assert a["shards"] == b["shards"]  # same samples, same bytes (sha256), same shards
-    assert _samples(out).keys() == _samples(reference).keys()
-    assert read_stats(out) == read_stats(reference)
-    assert (out / "rejects.jsonl").read_text() == (reference / "rejects.jsonl").read_text()
-    assert not list(out.glob(".*.tmp-*")) and verify(out) == []
 
 
 def test_crash_between_shard_rename_and_marker_then_rerun_equals_uninterrupted(
