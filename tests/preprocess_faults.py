@@ -1,5 +1,5 @@
-"""Faults for the preprocessing tests, injected through `preprocess.shards.ShardHooks` (the product never
-imports this module).
+"""Faults for the preprocessing tests (the product never imports this module): hooks injected through
+`preprocess.shards.ShardHooks`, and `SmallFilesystem`, a real small filesystem to fill up or make read-only.
 
 The hooks are small frozen dataclasses, so they pickle into Ray workers. State shared across processes and
 retries (how often a read was failed) lives in a counter file.
