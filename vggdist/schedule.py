@@ -15,8 +15,8 @@ was stopped after 370K iterations (74 epochs)."
 Every decision (drop, hold at chance, stop) is a `ScheduleEvent` with its reason, kept in the checkpoint and
 shown in MLflow.
 
-`StallGuard` watches the first epochs: a training loss that stays within a few per cent of ln(K) — the loss of
-uniform posteriors over K classes — means the network is not learning, most often because its initialisation
+`StallGuard` watches the first epochs: a training loss that stays within 1 % of ln(K) — the loss of uniform
+posteriors over K classes — means the network is not learning, most often because its initialisation
 or learning rate is wrong for its depth. It produces one warning naming the likely fix.
 """
 
@@ -39,7 +39,7 @@ def chance_top1_err(num_classes: int) -> float:
     return 100.0 * (1.0 - 1.0 / num_classes)
 
 
-CHANCE_LOSS_TOLERANCE = 0.03  # a training loss within 3 % of ln(K) is "still at chance"
+CHANCE_LOSS_TOLERANCE = 0.01  # a training loss within 1 % of ln(K) is "still at chance"
 
 
 def loss_at_chance(train_loss: float, num_classes: int) -> bool:
