@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from preprocess.failures import JobError, JobFailed, OutputError, is_output_error
+from preprocess.images import MAX_FILE_BYTES
 from preprocess.manifest import write_json_atomic
 from vggdist.shardformat import MANIFEST, PARTS, REJECTS, SHARD_NAME_RE, STATS, TOOL
 
@@ -102,7 +103,7 @@ def check_claim(out: Path, identity: dict, overwrite: bool) -> None:
         return
     job_file = out / PARTS / "job.json"
     if job_file.is_file():
-        previous = json.loads(job_file.read_text())
+        previous = _recorded(job_file)
         if previous == identity or overwrite:
             return
         diff = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
@@ -120,11 +121,20 @@ def claim(out: Path, identity: dict, overwrite: bool) -> None:
     """Resume only the same command; replace another's output only with ``overwrite`` (under the lock)."""
     check_claim(out, identity, overwrite)
     job_file = out / PARTS / "job.json"
-    if job_file.is_file() and json.loads(job_file.read_text()) == identity:
+    if job_file.is_file() and _recorded(job_file) == identity:
+        if json.loads(job_file.read_text()) != identity:
+            write_json_atomic(job_file, identity)
         return
     if overwrite:
         remove_outputs(out)
     write_json_atomic(job_file, identity)
+
+
+def _recorded(job_file: Path) -> dict:
+    """The identity a job recorded; one recorded before ``max_file_bytes`` existed had the default cap."""
+    previous = json.loads(job_file.read_text())
+    previous.setdefault("max_file_bytes", MAX_FILE_BYTES)
+    return previous
 
 
 def remove_outputs(out: Path) -> None:

@@ -233,3 +233,20 @@ def test_ray_tasks_write_the_same_shards_as_the_serial_path(reference, train_tar
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     assert summary.written == 34 and sum(summary.rejected.values()) == 5
     _assert_same_result(out, reference)
+
+
+def test_output_of_a_version_without_max_file_bytes_resumes_as_the_same_command(
+    reference, train_tar, tmp_path
+):
+    import shutil
+
+    out = tmp_path / "older"
+    shutil.copytree(reference, out)
+    job_file = out / ".parts" / "job.json"
+    recorded = json.loads(job_file.read_text())
+    del recorded["max_file_bytes"]  # what a job written before the cap existed recorded
+    job_file.write_text(json.dumps(recorded))
+    again = run_shard_job(_job(train_tar, out), workers=1, progress=False)
+    assert again.processed == 0 and again.resumed_shards == 8
+    assert json.loads(job_file.read_text())["max_file_bytes"] == ImageLimits().max_file_bytes
+    _assert_same_result(out, reference)
