@@ -97,3 +97,23 @@ def test_dense_keeps_train_mode_and_trains():
     loss = F.cross_entropy(dense(torch.randn(2, 3, 32, 32)).flatten(1), torch.tensor([0, 1]))
     loss.backward()
     assert dense.classifier[0].weight.grad is not None
+
+
+def test_resnet_is_its_own_dense_form():
+    # Global average pooling then FC: the fully-convolutional test of He et al. §3.4 is the network as is.
+    from vggdist.resnet import ResNet, build_resnet
+
+    torch.manual_seed(0)
+    model = build_resnet("resnet-20", 6).double().train()
+    dense = to_dense(model)
+    assert isinstance(dense, ResNet) and dense is not model and dense.training
+    own = {p.data_ptr() for p in model.parameters()}
+    assert not own & {p.data_ptr() for p in dense.parameters()}
+    model.eval(), dense.eval()
+    x = torch.randn(2, 3, 45, 61, dtype=torch.float64)
+    torch.testing.assert_close(dense(x), model(x), rtol=0, atol=0)
+    # averaging the FC scores over positions = FC of the averaged features (FC is affine)
+    with torch.no_grad():
+        features = model.layer3(model.layer2(model.layer1(model.relu(model.bn1(model.conv1(x))))))
+        per_position = torch.einsum("nchw,kc->nkhw", features, model.fc.weight) + model.fc.bias[:, None, None]
+    torch.testing.assert_close(per_position.mean(dim=(2, 3)), model(x))

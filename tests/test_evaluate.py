@@ -273,3 +273,76 @@ def test_bad_images_are_refused(model):
         single_posteriors(model, [torch.rand(1, 40, 40)], 32, CROP)
     with pytest.raises(ValueError, match="Q >= crop"):
         multicrop_posteriors(model, _images((40, 40)), 24, CROP)
+
+
+# --- He et al.'s networks: the same protocols, BN in eval mode ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    from vggdist.resnet import build_resnet
+
+    torch.manual_seed(0)
+    net = build_resnet("resnet-20", K, widths=(8, 16, 16)).double()
+    for m in net.modules():  # running statistics far from (0, 1): eval-mode BN must really use them
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 3.0)
+            m.bias.data.uniform_(-0.3, 0.3)
+    with torch.no_grad():  # image-dependent posteriors, as for the VGG fixture
+        calibration = torch.stack(_images(*[(CROP, CROP)] * 64, seed=99))
+        net.eval()
+        net.fc.bias -= net(calibration).mean(0)
+        net.fc.weight *= 8
+        net.fc.bias *= 8
+    return net
+
+
+def _brute_resnet_dense(net, image, q):
+    image = rescale(image, q)[None]
+    with torch.no_grad():
+        return (_softmax(net(image)) + _softmax(net(image.flip(-1)))) / 2
+
+
+def test_protocols_run_on_a_resnet(resnet):
+    images = _images(*SIZES[:4])
+    labels = torch.tensor([4, 5, 5, 1])
+    scales = (32, 40)
+    results = evaluate_batch(resnet, images, labels, scales=scales, crop=CROP)  # to_dense(resnet) inside
+    assert set(results) == {
+        f"{p}/Q{q}" for p in ("single", "dense", "multicrop", "combined") for q in (*scales, "32-40")
+    }
+    assert all(c["n"] == 4 for c in results.values())
+    dense = [torch.stack([_brute_resnet_dense(resnet, im, q) for im in images]) for q in scales]
+    for q, p in zip(scales, dense, strict=True):
+        assert results[f"dense/Q{q}"] == topk_counts(p, labels)
+        _close(dense_posteriors(to_dense(resnet), images, q), p)  # whole images of several sizes
+    single = torch.stack([_brute_single(resnet, im, 40) for im in images])
+    assert results["single/Q40"] == topk_counts(single, labels)
+    multi = torch.stack([_brute_multicrop(resnet, im, 40) for im in images])
+    assert results["multicrop/Q40"] == topk_counts(multi, labels)
+    assert len(set(single.argmax(1).tolist())) > 1  # not vacuous
+
+
+def test_bn_net_evaluation_is_deterministic_and_independent_of_the_batch_split(resnet):
+    images = _images(*SIZES)
+    dense = to_dense(resnet)
+    protocols = {
+        "single": lambda ims, b: single_posteriors(resnet, ims, 40, CROP, batch_size=b),
+        "dense": lambda ims, b: dense_posteriors(dense, ims, 40, batch_size=b),
+        "multicrop": lambda ims, b: multicrop_posteriors(resnet, ims, 40, CROP, batch_size=b),
+    }
+    for name, run in protocols.items():
+        whole = run(images, 64)
+        assert torch.equal(run(images, 64), whole), name  # deterministic
+        _close(run(images, 1), whole)
+        _close(run(images, 3), whole)
+        _close(torch.cat([run(images[:2], 64), run(images[2:], 64)]), whole)  # two workers' shares
+    assert not resnet.training and not dense.training
+    # not vacuous: with batch statistics (training mode) the same images score differently per split
+    import copy
+
+    training = copy.deepcopy(resnet).train()
+    x = torch.stack([center_crop(im, CROP) for im in images])
+    with torch.no_grad():
+        assert not torch.allclose(training(x[:2]), training(x)[:2])

@@ -143,3 +143,22 @@ def test_init_from_shallower_refuses_mismatches():
         init_from_shallower(deep, build_vgg("A", 10, **MINI, batch_norm=True).state_dict())
     for key, value in deep.state_dict().items():  # a refused copy changes nothing
         assert torch.equal(value, untouched[key])
+
+
+def test_he_init_is_kaiming_fan_out_for_convs_on_any_network():
+    # He et al. 2015's scheme (kaiming normal, fan_out, ReLU): a scheme of its own, for VGG too.
+    torch.manual_seed(0)
+    model = build_vgg("D", 10, widths=SCALES["paper"]["widths"], crop_size=32)
+    init_weights(model, "he")
+    conv = model.features[-3]  # 512 -> 512, 3x3: fan_out 512 * 9
+    assert isinstance(conv, nn.Conv2d)
+    assert conv.weight.std().item() == pytest.approx((2 / (512 * 9)) ** 0.5, rel=0.02)
+    assert all(torch.count_nonzero(m.bias) == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+    fc = model.classifier[0]
+    assert fc.weight.std().item() == pytest.approx(1e-2, rel=0.02)  # the classifier: a small normal start
+    # the point of the scheme: the signal keeps its scale through D's 13 convs (N(0, 1e-2) loses 10^7)
+    x = torch.randn(2, 3, 32, 32)
+    he = _rms_per_weight_layer(model.eval(), x)[:13]
+    init_weights(model, "normal")
+    normal = _rms_per_weight_layer(model, x)[:13]
+    assert min(he) > 0.05 and normal[-1] < 1e-6, (he, normal)

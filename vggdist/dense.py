@@ -3,6 +3,10 @@
 "The first FC layer is converted to a 7×7 conv. layer, the last two FC layers to 1×1 conv. layers. The
 resulting fully-convolutional net is then applied to the whole (uncropped) image." The kernel of the first
 one is the side of the last feature map at the training crop, ``crop_size / 32``: 7 at 224, 1 at 32 (mini).
+
+He et al.'s networks (`vggdist.resnet`) need no conversion: global average pooling followed by one FC layer
+already is the fully-convolutional test of their §3.4 (FC is affine, so FC of the averaged features is the
+average of the FC scores at every position), at any image size.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from vggdist.models import VGG, unwrap_model
+from vggdist.resnet import ResNet
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +68,19 @@ def _linear_to_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv
     return conv
 
 
-def to_dense(model: VGG) -> DenseVGG:
+def to_dense(model: VGG | ResNet) -> DenseVGG | ResNet:
     """Convert ``model`` (or a DDP-wrapped / compiled one) to its fully-convolutional form; no storage is shared.
 
-    fc6 becomes a ``crop/32 × crop/32`` conv, fc7 and fc8 1×1 convs; the conv stack is deep-copied, so
-    training ``model`` afterwards does not change the dense network (convert again after loading weights).
-    The result is in the same train/eval mode as ``model``.
+    VGG: fc6 becomes a ``crop/32 × crop/32`` conv, fc7 and fc8 1×1 convs. ResNet: a copy of the network as it
+    is (it already takes any size and pools globally). Either way the layers are deep-copied, so training
+    ``model`` afterwards does not change the dense network (convert again after loading weights). The result
+    is in the same train/eval mode as ``model``.
     """
     model = unwrap_model(model)
+    if isinstance(model, ResNet):
+        return copy.deepcopy(model)
     if not isinstance(model, VGG):
-        raise ValueError(f"to_dense needs a vggdist VGG model, got {type(model).__name__}")
+        raise ValueError(f"to_dense needs a vggdist VGG or ResNet model, got {type(model).__name__}")
     fc6, fc7, fc8 = (m for m in model.classifier if isinstance(m, nn.Linear))
     side = model.crop_size // 32  # last feature map at the training crop: (N, C, side, side)
     channels = fc6.in_features // (side * side)

@@ -3,6 +3,7 @@
 The paper trains configuration A from random weights, then starts the deeper nets with "the first four
 convolutional layers and the last three fully-connected layers" of A, the other layers random
 (`init_from_shallower`). Its footnote adds that Glorot & Bengio (2010) init works without that stage.
+He et al.'s init (2015, used for the 2016 plain and residual nets, `vggdist.resnet`) is a third scheme.
 """
 
 from __future__ import annotations
@@ -19,19 +20,28 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["INIT_SCHEMES", "SHALLOW_LAYERS", "init_from_shallower", "init_weights"]
 
-INIT_SCHEMES = ("normal", "glorot")
+INIT_SCHEMES = ("normal", "glorot", "he")
 
 # Net A's layers whose weights seed a deeper net, and the deep layers they go to (same names: see below).
 SHALLOW_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
 
-def init_weights(model: nn.Module, scheme: str = "normal", std: float = 1e-2) -> None:
+def init_weights(
+    model: nn.Module, scheme: str = "normal", std: float = 1e-2, *, zero_init_residual: bool = False
+) -> None:
     """Initialise every conv / linear / batch-norm layer of ``model`` in place.
 
     - ``"normal"``: weights ~ N(0, std²), biases 0 (§3.1).
     - ``"glorot"``: weights ~ Glorot & Bengio's uniform U(±sqrt(6 / (fan_in + fan_out))), biases 0 (the
       paper's footnote: this trains the deep nets without the staged start).
-    - Batch norm (an option, not in the paper): weight 1, bias 0.
+    - ``"he"``: conv weights ~ N(0, 2 / fan_out) (He et al. 2015, "Delving deep into rectifiers", the
+      backward-pass form torchvision's ResNet uses: kaiming normal, fan_out, ReLU), linear weights ~ N(0,
+      std²), biases 0. The derivation is for layers followed by a ReLU; the classifier gets the small
+      normal start so the first soft-max is near uniform (loss ≈ ln K) whatever the number of classes.
+    - Batch norm (VGG: an option, not in the paper; He et al.: after every conv): weight 1, bias 0.
+      ``zero_init_residual`` sets the last BN weight of every *residual* `vggdist.resnet.BasicBlock` to 0,
+      so each block starts as the identity (Goyal et al. 2017). He et al. do not; plain blocks are never
+      touched (zeroing them would cut the signal).
 
     Why ``std=1e-2``: the paper writes "normal distribution with the zero mean and 10^-2 variance", i.e.
     std 0.1 read literally. Most reproductions (and Caffe's ``std: 0.01`` fillers of the time) use std 1e-2,
@@ -48,7 +58,9 @@ def init_weights(model: nn.Module, scheme: str = "normal", std: float = 1e-2) ->
         raise ValueError(f"init std must be > 0, got {std}")
     for module in model.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
-            if scheme == "normal":
+            if scheme == "he" and isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif scheme in ("normal", "he"):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             else:
                 nn.init.xavier_uniform_(module.weight)
@@ -57,6 +69,12 @@ def init_weights(model: nn.Module, scheme: str = "normal", std: float = 1e-2) ->
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    if zero_init_residual:
+        from vggdist.resnet import BasicBlock
+
+        for module in model.modules():
+            if isinstance(module, BasicBlock) and module.residual:
+                nn.init.zeros_(module.bn2.weight)
 
 
 def _layer_prefixes(model: VGG, layer: str) -> list[str]:

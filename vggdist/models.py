@@ -66,7 +66,10 @@ def _lrn() -> nn.LocalResponseNorm:
 
 def _check_config(config: str) -> list:
     if config not in CONFIGS:
-        raise ValueError(f"unknown VGG configuration {config!r}; choose one of {', '.join(CONFIGS)}")
+        raise ValueError(
+            f"unknown VGG configuration {config!r}; choose one of {', '.join(CONFIGS)} "
+            "(He et al.'s plain-/resnet- networks are built by vggdist.resnet.build_resnet)"
+        )
     return CONFIGS[config]
 
 
@@ -240,19 +243,34 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def load_torchvision_state_dict(model: VGG, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load a torchvision ``vgg16`` / ``vgg19`` (``_bn``) state dict into a D / E network built to match.
+def _torchvision_hint(model: nn.Module) -> str:
+    from vggdist.resnet import ResNet  # resnet.py is the other network family; imported only when needed
 
-    Raises ValueError naming the missing / unexpected keys or the first shape mismatch, e.g. when the
-    configuration, ``batch_norm``, ``num_classes`` or the crop (fc6 expects 512*7*7 inputs at 224) differ.
-    """
-    state = strip_wrapper_prefixes(state_dict)
-    own = model.state_dict()
-    hint = (
+    if isinstance(model, ResNet):
+        return (
+            "build the model to match the weights: build_resnet('resnet-18' for resnet18 / 'resnet-34' for "
+            f"resnet34, num_classes=..., shortcut='B'); this is {model.config} shortcut={model.shortcut!r} "
+            f"num_classes={model.num_classes}"
+        )
+    return (
         f"build the model to match the weights, e.g. build_vgg('D' for vgg16 / 'E' for vgg19, "
         f"num_classes=..., batch_norm=True for *_bn, crop_size=224); this is VGG-{model.config} "
         f"batch_norm={model.batch_norm} num_classes={model.num_classes} crop_size={model.crop_size}"
     )
+
+
+def load_torchvision_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load torchvision weights into the network built to match, with identical outputs.
+
+    ``vgg16`` / ``vgg19`` (``_bn``) go into VGG D / E; ``resnet18`` / ``resnet34`` into `vggdist.resnet`'s
+    ``resnet-18`` / ``resnet-34`` built with ``shortcut="B"`` (torchvision's projection shortcuts).
+    Raises ValueError naming the missing / unexpected keys or the first shape mismatch, e.g. when the
+    configuration, ``batch_norm``, the shortcut option, ``num_classes`` or the crop (VGG's fc6 expects
+    512*7*7 inputs at 224) differ.
+    """
+    state = strip_wrapper_prefixes(state_dict)
+    own = model.state_dict()
+    hint = _torchvision_hint(model)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -329,7 +347,8 @@ def layer_table(config: str, num_classes: int = 1000, **scale) -> list[dict]:
 
 
 def describe_all(num_classes: int = 1000, **scale) -> list[dict]:
-    """One entry per configuration: {"config", "depth", "params", "macs", "crop_size", "layers"} (Table 2)."""
+    """One entry per configuration: {"config", "family", "depth", "params", "macs", "crop_size", "layers"}
+    (Table 2); `vggdist.resnet.describe_all` gives He et al.'s networks in the same form."""
     entries = []
     for config in CONFIGS:
         model = _meta_vgg(config, num_classes, scale)
@@ -337,6 +356,7 @@ def describe_all(num_classes: int = 1000, **scale) -> list[dict]:
         entries.append(
             dict(
                 config=config,
+                family="vgg",
                 depth=paper.WEIGHT_LAYERS[config],
                 params=count_params(model),
                 macs=sum(row["macs"] for row in layers),
@@ -356,16 +376,19 @@ def _human(n: int) -> str:
 
 def format_table(entries: list[dict]) -> str:
     """Human-readable `describe_all` output: a Table 2 summary, then every configuration's layers."""
-    lines = [f"{'config':<8}{'weight layers':>14}{'params':>14}{'params (M)':>12}{'MACs':>9}  crop"]
+    width = max([8] + [len(e["config"]) + 2 for e in entries])  # "resnet-34" is wider than VGG's letters
+    lines = [f"{'config':<{width}}{'weight layers':>14}{'params':>14}{'params (M)':>12}{'MACs':>9}  crop"]
     for e in entries:
         millions = e["params"] / 1e6
-        rounded = f"{millions:.0f}" if millions >= 10 else f"{millions:.2f}"  # Table 2 rounds to millions
+        # Table 2 rounds VGG to millions; smaller nets keep 3 significant digits (11.7 for ResNet-18)
+        rounded = f"{millions:.0f}" if millions >= 100 else f"{millions:.1f}" if millions >= 10 else f"{millions:.2f}"
         lines.append(
-            f"{e['config']:<8}{e['depth']:>14}{e['params']:>14,}{rounded:>12}"
+            f"{e['config']:<{width}}{e['depth']:>14}{e['params']:>14,}{rounded:>12}"
             f"{_human(e['macs']):>9}  {e['crop_size']}"
         )
     for e in entries:
-        lines += ["", f"{e['config']} ({e['depth']} weight layers)"]
+        shortcut = f", shortcut {e['shortcut']}" if e.get("family") == "resnet" else ""
+        lines += ["", f"{e['config']} ({e['depth']} weight layers{shortcut})"]
         lines.append(f"  {'layer':<12}{'output':>16}{'params':>12}{'MACs':>10}")
         for row in e["layers"]:
             shape = "x".join(str(s) for s in row["output"])
