@@ -15,6 +15,7 @@ from vggdist.train import (
     apply_init,
     batch_plan,
     build_model,
+    sync_batch_norm,
 )
 from vggdist.transforms import DeviceAugment
 
@@ -181,3 +182,83 @@ def test_apply_init_resume_weights_and_errors():
     deep_cfg = cfg.override(["model.name=D", "run.init=from-shallower", "run.init_from=x"])
     mapping = apply_init(build_model(deep_cfg, CLASSES), deep_cfg, src.state_dict())
     assert len(mapping) == 7 and math.isfinite(float(other.classifier[0].weight.detach().sum()))
+
+
+# --- He et al.'s networks through the same loop ---------------------------------------------------------------
+
+
+def _resnet_mini(**sets):
+    cfg = preset("resnet-mini", model="resnet-20").override(
+        ["optim.global_batch_size=16", "run.log_every_steps=4", "schedule.epochs=1"]
+    )
+    return cfg.override([f"{k}={v}" for k, v in sets.items()]) if sets else cfg
+
+
+def _loss(model, batch):
+    images, labels = batch
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(_augment()(images, train=False)), labels))
+
+
+def test_resnet_20_trains_one_epoch_and_lowers_the_loss():
+    cfg = _resnet_mini(**{"optim.lr": 0.05})  # the preset's 0.1 is for batch 128; this runs batch 16
+    loop = _loop(cfg, steps=10)  # build_model + apply_init (He init): the unchanged training loop
+    assert type(loop.model).__name__ == "ResNet" and loop.model.config == "resnet-20"
+    held_out = next(_batches(99, 1, batch=64))
+    # training-mode loss (batch statistics): after 10 steps the running statistics have not settled yet
+    loop.model.train()
+    before = _loss(loop.model, held_out)
+    reports = []
+    loop.fit(lambda e: _batches(e, 10), None, lambda m, lp: reports.append(dict(m)))
+    loop.model.train()
+    after = _loss(loop.model, held_out)
+    assert [r["epoch"] for r in reports] == [1.0] and reports[0]["train/samples"] == 10 * 16
+    assert before == pytest.approx(math.log(CLASSES), abs=0.05)  # He init + small FC: a uniform start
+    assert after < 0.75 * before, (before, after)
+    assert all(torch.isfinite(p).all() for p in loop.model.parameters())
+
+
+def test_resnet_checkpoint_keeps_batch_norm_statistics(tmp_path):
+    cfg = _resnet_mini()
+    loop = _loop(cfg, steps=3)
+    loop.fit(lambda e: _batches(e, 3), None, lambda m, lp: None)
+    ckpt.save(tmp_path / "c", model=loop.model, config=cfg, train_state=loop.state_dict())
+    state = ckpt.load(tmp_path / "c")
+    bn = loop.model.layer2[0].bn1
+    assert int(state["model"]["layer2.0.bn1.num_batches_tracked"]) == 3
+    assert torch.equal(state["model"]["layer2.0.bn1.running_var"], bn.running_var)
+    assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # the stats did move
+    restored = build_model(ckpt.load_config(tmp_path / "c"), CLASSES)
+    restored.load_state_dict(state["model"])
+    x = _augment()(next(_batches(5, 1))[0], train=False)
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x), loop.model.eval()(x))
+
+
+def test_sync_batch_norm_keeps_the_state_dict_and_the_single_process_math():
+    torch.manual_seed(0)
+    plain = build_model(_resnet_mini(), CLASSES)
+    assert sync_batch_norm(plain, False) is plain
+    synced = sync_batch_norm(build_model(_resnet_mini(), CLASSES), True)
+    synced.load_state_dict(plain.state_dict())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert list(synced.state_dict()) == list(plain.state_dict())  # checkpoints load either way
+    x = _augment()(next(_batches(0, 1))[0], train=False)
+    with torch.no_grad():  # no process group: SyncBatchNorm is BatchNorm2d, in training and in eval mode
+        torch.testing.assert_close(synced.train()(x), plain.train()(x))
+        torch.testing.assert_close(synced.eval()(x), plain.eval()(x))
+    for a, b in zip(synced.state_dict().values(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)  # the same running statistics after the same step
+
+
+def test_resnet_resume_weights_and_the_message_of_a_mismatch():
+    cfg = _resnet_mini()
+    src = build_model(cfg, CLASSES)
+    dst_cfg = cfg.override(["run.init=resume-weights", "run.init_from=x"])
+    dst = build_model(dst_cfg, CLASSES)
+    assert apply_init(dst, dst_cfg, src.state_dict()) == {"*": "*"}
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
+    deeper = dst_cfg.override(["model.name=resnet-56"])
+    with pytest.raises(ValueError, match="same configuration and scale as resnet-56.*--init he"):
+        apply_init(build_model(deeper, CLASSES), deeper, src.state_dict())

@@ -13,7 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vggdist.config import CONFIG_NAMES, Config, ConfigError, preset
+from vggdist.config import (
+    CONFIG_NAMES,
+    INIT_CHOICES,
+    PRESETS,
+    Config,
+    ConfigError,
+    default_preset,
+    preset,
+)
 from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
 
 USAGE_ERROR = 2
@@ -27,7 +35,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     cfg = (
         Config.load(args.config_file)
         if getattr(args, "config_file", None)
-        else preset(args.preset, model=args.config)
+        else preset(args.preset or default_preset(args.config), model=args.config)
     )
     if getattr(args, "config_file", None):
         cfg = cfg.override([f"model.name={args.config}"])
@@ -53,10 +61,12 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from vggdist import resnet
     from vggdist.models import describe_all, format_table
     from vggdist.paper import SCALES
 
     entries = describe_all(num_classes=args.num_classes, **SCALES[args.scale])
+    entries += resnet.describe_all(args.num_classes, scale=args.scale, shortcut=args.shortcut)
     if args.json:
         print(json.dumps(entries, indent=2))
     else:
@@ -165,20 +175,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("models", help="Table 1/2: layers, parameters and MACs of every configuration")
+    m = sub.add_parser(
+        "models",
+        help="Table 1/2: layers, parameters and MACs of every configuration, and He et al.'s plain/residual nets",
+    )
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.add_argument(
-        "--scale", choices=("paper", "mini"), default="paper", help="paper (224 crops) or mini (32 crops)"
+        "--scale",
+        choices=("paper", "mini"),
+        default="paper",
+        help="paper (224 crops; He et al.'s ImageNet nets) or mini (32 crops; their CIFAR nets)",
+    )
+    m.add_argument(
+        "--shortcut",
+        choices=("A", "B"),
+        default="A",
+        help="He et al.'s shortcut option: A zero-padding (default), B projection (torchvision's counts)",
     )
     m.add_argument("--num-classes", type=int, default=1000)
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train one configuration with Ray Train (DDP) and log it to MLflow")
-    t.add_argument("--config", choices=CONFIG_NAMES, required=True, help="Table 1 column")
+    t.add_argument(
+        "--config",
+        choices=CONFIG_NAMES,
+        required=True,
+        help="Table 1 column, or He et al.'s plain-18/34, resnet-18/34 (ImageNet) and plain-20/56, resnet-20/56",
+    )
     t.add_argument(
         "--data", required=True, help="directory with train/ and val/ shards from vggdist-preprocess"
     )
-    t.add_argument("--preset", choices=("paper", "mini"), default="paper")
+    t.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="default: the network's paper protocol (paper for VGG, resnet-paper for the ImageNet "
+        "plain/resnet nets, resnet-mini for the CIFAR ones)",
+    )
     t.add_argument("--config-file", help="a YAML config (as saved with checkpoints) instead of --preset")
     t.add_argument(
         "--set",
@@ -186,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.lr=0.005",
     )
-    t.add_argument("--init", choices=("normal", "glorot", "from-shallower", "resume-weights"))
+    t.add_argument("--init", choices=INIT_CHOICES)
     t.add_argument("--init-from", metavar="RUN_ID|CHECKPOINT", help="MLflow run id or checkpoint directory")
     t.add_argument("--epochs", type=int)
     t.add_argument("--workers", type=int, help="Ray Train workers (one per GPU with --gpu)")

@@ -1,13 +1,15 @@
 """Typed, frozen configuration for every stage: the paper's protocol (§3.1 training, §3.2 testing) as defaults.
 
 A `Config` is five frozen dataclasses (model, data, optim, schedule, eval) plus `run` (how and where it runs).
-Presets are functions (`preset("paper")`, `preset("mini")`); YAML is how a config is saved and loaded, not where
-defaults live; `--set optim.lr=0.005` overrides are type-checked against the field and refuse unknown keys.
+Presets are functions (`preset("paper")`, `preset("mini")`, and He et al. 2016's `preset("resnet-paper")`,
+`preset("resnet-mini")`); YAML is how a config is saved and loaded, not where defaults live; `--set
+optim.lr=0.005` overrides are type-checked against the field and refuse unknown keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import types
 import typing
@@ -17,10 +19,14 @@ from typing import Any
 
 import yaml
 
-from vggdist import paper
+from vggdist import paper, resnet_paper
 from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
 
-CONFIG_NAMES = paper.CONFIG_ORDER
+VGG_CONFIG_NAMES = paper.CONFIG_ORDER
+RESNET_CONFIG_NAMES = resnet_paper.CONFIG_ORDER  # He et al. 2016: plain-18 … resnet-56
+CONFIG_NAMES = VGG_CONFIG_NAMES + RESNET_CONFIG_NAMES
+PRESETS = ("paper", "mini", "resnet-paper", "resnet-mini")
+INIT_CHOICES = ("normal", "glorot", "he", "from-shallower", "resume-weights")
 
 
 class ConfigError(ValueError):
@@ -34,25 +40,63 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Table 1: which column, and at which width (paper or mini scale)."""
+    """Which network, and at which width (paper or mini scale).
+
+    VGG (Table 1, A … E): ``widths`` are the 5 conv-block widths, ``fc_width`` the FC layers', and
+    ``batch_norm`` / ``dropout`` options. He et al. 2016 (`vggdist.resnet_paper`): ``widths`` are the stage
+    widths (4 for the ImageNet nets, 3 for the CIFAR nets), BN after every conv is part of the network
+    (``batch_norm`` must be true), there is no dropout (``dropout`` must be 0) and no hidden FC layer
+    (``fc_width`` is unused); ``shortcut`` picks option A or B of §3.3 (see `resnet_paper.DEFAULT_SHORTCUT`).
+    """
 
     name: str = "A"
     widths: tuple[int, ...] = paper.WIDTHS
     fc_width: int = paper.FC_WIDTH
     batch_norm: bool = False
     dropout: float = 0.5
+    shortcut: str = resnet_paper.DEFAULT_SHORTCUT  # He et al.: "A" zero-padding identity | "B" projection
 
     def __post_init__(self) -> None:
         _check(
             self.name in CONFIG_NAMES,
-            f"model.name={self.name!r} is not a VGG configuration; use one of {', '.join(CONFIG_NAMES)}",
+            f"model.name={self.name!r} is not a VGG configuration ({', '.join(VGG_CONFIG_NAMES)}) nor a "
+            f"He et al. 2016 network ({', '.join(RESNET_CONFIG_NAMES)})",
         )
+        _check(
+            self.shortcut in resnet_paper.SHORTCUTS,
+            f"model.shortcut={self.shortcut!r}: use A (zero-padding identity, the paper's Table 2) or B "
+            "(1x1 projection, torchvision's layout)",
+        )
+        if self.name in RESNET_CONFIG_NAMES:
+            self._check_resnet()
+            return
         _check(
             len(self.widths) == 5 and all(w > 0 for w in self.widths),
             "model.widths needs 5 positive block widths, e.g. 64,128,256,512,512",
         )
         _check(self.fc_width > 0, "model.fc_width must be positive (paper: 4096)")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1) (paper: 0.5)")
+
+    def _check_resnet(self) -> None:
+        layout = resnet_paper.layout_of(self.name)
+        n = len(layout.widths)
+        widths_ok = len(self.widths) == n and all(w > 0 for w in self.widths)
+        if self.shortcut == "A":  # zero-padding cannot remove channels
+            widths_ok = widths_ok and all(a <= b for a, b in itertools.pairwise(self.widths))
+        _check(
+            widths_ok and self.batch_norm and self.dropout == 0.0,
+            f"model.name={self.name} is a He et al. 2016 network: it needs model.widths with {n} "
+            f"non-decreasing stage widths (paper: {','.join(map(str, layout.widths))}), "
+            f"model.batch_norm=true and model.dropout=0; --preset {default_preset(self.name)} sets them "
+            f"(got widths={','.join(map(str, self.widths))}, batch_norm={str(self.batch_norm).lower()}, "
+            f"dropout={self.dropout:g})",
+        )
+
+    @property
+    def family(self) -> str:
+        """"vgg", "plain" or "resnet"."""
+        spec = resnet_paper.CONFIGS.get(self.name)
+        return "vgg" if spec is None else spec.family
 
 
 JPEG_DECODERS = ("auto", "window", "simplejpeg", "pil")
@@ -199,15 +243,19 @@ class RunConfig:
     cpus_per_worker: int = 1  # CPUs Ray reserves per training worker: its loader processes decode JPEGs there
     gpu: bool = False
     seed: int = 0
-    init: str = "normal"  # "normal" | "glorot" | "from-shallower" | "resume-weights"
+    init: str = "normal"  # "normal" | "glorot" | "he" | "from-shallower" | "resume-weights"
     init_std: float = 1e-2  # std of the normal init (see vggdist.init for the 1e-2 variance question)
     fill_init: str = (
-        "normal"  # scheme of the layers from-shallower leaves random: "normal" (paper) | "glorot"
+        "normal"  # scheme of the layers from-shallower leaves random: "normal" (paper) | "glorot" | "he"
     )
     init_from: str | None = None  # MLflow run id or checkpoint path
     bf16: bool | None = None  # None -> on with --gpu
     channels_last: bool | None = None  # None -> on with --gpu
     compile: bool = False
+    # SyncBN: batch-norm statistics over the global batch instead of each worker's share. Off by default:
+    # He et al. normalise per GPU, which is what large per-worker batches give; it matters when a worker's
+    # batch is small (e.g. 256 split over 64 GPUs = 4 images). GPU only (torch's SyncBatchNorm).
+    sync_bn: bool = False
     grad_compression: str = "none"  # "none" | "bf16" | "powersgd"
     powersgd_rank: int = 4
     powersgd_start_iter: int = 10
@@ -225,8 +273,8 @@ class RunConfig:
             "run.cpus_per_worker must be >= 1 (with --gpu, e.g. 12 on an 8-GPU, 96-core node)",
         )
         _check(
-            self.init in ("normal", "glorot", "from-shallower", "resume-weights"),
-            f"run.init={self.init!r}: use normal, glorot, from-shallower or resume-weights",
+            self.init in INIT_CHOICES,
+            f"run.init={self.init!r}: use normal, glorot, he, from-shallower or resume-weights",
         )
         _check(
             self.init not in ("from-shallower", "resume-weights") or self.init_from,
@@ -234,7 +282,13 @@ class RunConfig:
         )
         _check(self.init_std > 0, "run.init_std must be positive")
         _check(
-            self.fill_init in ("normal", "glorot"), f"run.fill_init={self.fill_init!r}: use normal or glorot"
+            self.fill_init in ("normal", "glorot", "he"),
+            f"run.fill_init={self.fill_init!r}: use normal, glorot or he",
+        )
+        _check(
+            not self.sync_bn or self.gpu,
+            "run.sync_bn=true needs --gpu (torch's SyncBatchNorm synchronises GPU tensors only); CPU workers "
+            "keep per-worker batch norm",
         )
         _check(
             self.grad_compression in ("none", "bf16", "powersgd"),
@@ -260,6 +314,13 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            not (self.model.family != "vgg" and self.run.init == "from-shallower"),
+            f"--init from-shallower is VGG's staged start from net A (§3.1); {self.model.name} trains from "
+            "scratch with --init he (or continues a run with --init resume-weights)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -305,10 +366,9 @@ class Config:
                 f"--set {a!r}: unknown section {section!r}; valid: {[f.name for f in fields(Config)]}",
             )
             by_section.setdefault(section, {})[name] = _Raw(raw.strip())
-        out = self
-        for section, values in by_section.items():
-            out = replace(out, **{section: _replace_checked(getattr(out, section), section, values)})
-        return out
+        # one replace of every section, so cross-section checks see the final values only
+        sections = {s: _replace_checked(getattr(self, s), s, v) for s, v in by_section.items()}
+        return replace(self, **sections)
 
 
 @dataclass(frozen=True)
@@ -394,7 +454,19 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
-def preset(name: str, model: str = "A") -> Config:
+def default_preset(model: str) -> str:
+    """The preset that trains ``model`` by its paper: ``paper`` for VGG, ``resnet-paper`` for He et al.'s
+    ImageNet nets (plain-/resnet-18, -34), ``resnet-mini`` for their CIFAR nets (plain-/resnet-20, -56)."""
+    if model not in RESNET_CONFIG_NAMES:
+        return "paper"
+    return "resnet-paper" if resnet_paper.layout_of(model).scale == "paper" else "resnet-mini"
+
+
+def _presets_of(model: str) -> tuple[str, ...]:
+    return ("paper", "mini") if model not in RESNET_CONFIG_NAMES else (default_preset(model),)
+
+
+def preset(name: str, model: str | None = None) -> Config:
     """`paper`: the protocol exactly as §3.1–§4 (224 crops, S=256, widths 64…512, FC 4096, 74 epochs).
 
     `mini`: the same protocol at `paper.SCALES["mini"]` (crop 32) so it trains on 2 CPU cores in minutes: S and Q
@@ -405,7 +477,34 @@ def preset(name: str, model: str = "A") -> Config:
       vggdist.init) and a net trained for minutes never leaves ln(K);
     - up to 30 epochs, stopping at the first plateau after the last lr drop (`schedule.early_stop`), with the
       paper's patience of 2 epochs, so a run ends when its validation error stops improving.
+
+    `resnet-paper`: He et al. 2016 §3.4 for the ImageNet nets (plain-18/34, resnet-18/34): SGD with momentum 0.9,
+    weight decay 1e-4, global batch 256, lr 0.1 ÷10 on a plateau, no dropout, He init, BN after every conv;
+    S ∈ [256, 480] (scale jitter), 224 crops, colour shift; validation on the 224 centre crop at Q=256 (the
+    scale of the paper's 10-crop test); test scales Q ∈ {224, 256, 384, 480, 640} for the fully-convolutional
+    (dense) test; 120 epochs ("up to 60×10^4 iterations" of 256 images over 1.28M). Shortcut option A.
+
+    `resnet-mini`: the same at crop 32 for the CIFAR nets (plain-/resnet-20, -56; §4.2): S and Q scaled by
+    32/224 (S ∈ [37, 69], Q ∈ {32, 37, 55, 69, 91}, validation at 37) like `mini`, and §4.2's CIFAR recipe:
+    global batch 128, lr 0.1, weight decay 1e-4, momentum 0.9, option A; `mini`'s schedule (up to 30 epochs,
+    early stop). On 2 CPU cores resnet-20 costs ~41M MACs per image (forward), resnet-56 ~125M (VGG mini A
+    ~10M): an epoch of a few thousand images takes a minute or so.
+
+    ``model`` defaults to the preset's usual net (A, resnet-34, resnet-20); a net the preset does not train
+    is refused with the preset that does (`default_preset`).
     """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    model = model or {"paper": "A", "mini": "A", "resnet-paper": "resnet-34", "resnet-mini": "resnet-20"}[name]
+    _check(
+        model in CONFIG_NAMES,
+        f"unknown network {model!r}; use a VGG configuration ({', '.join(VGG_CONFIG_NAMES)}) or a He et al. "
+        f"2016 network ({', '.join(RESNET_CONFIG_NAMES)})",
+    )
+    _check(
+        name in _presets_of(model),
+        f"--preset {name} does not train {model}; use --preset {' or '.join(_presets_of(model))}",
+    )
     if name == "paper":
         return Config(model=ModelConfig(name=model))
     if name == "mini":
@@ -423,4 +522,39 @@ def preset(name: str, model: str = "A") -> Config:
             ),
             run=RunConfig(log_every_steps=20, init="glorot", fill_init="glorot"),
         )
-    raise ConfigError(f"unknown preset {name!r}; use 'paper' or 'mini'")
+    return _resnet_preset(name, model)
+
+
+def _resnet_preset(name: str, model: str) -> Config:
+    """`resnet-paper` / `resnet-mini` (see `preset`): one recipe, two crops."""
+    mini = name == "resnet-mini"
+    crop = resnet_paper.layout_of(model).crop_size
+    lo, hi = (paper.to_crop(s, crop) for s in resnet_paper.TRAIN_SCALE_JITTER)
+    q = paper.to_crop(256, crop)  # the single-crop / 10-crop test scale
+    return Config(
+        model=ModelConfig(
+            name=model,
+            widths=resnet_paper.layout_of(model).widths,
+            fc_width=0,  # unused: one FC layer on the pooled features
+            batch_norm=True,
+            dropout=0.0,
+        ),
+        data=DataConfig(
+            crop_size=crop,
+            train_scale=lo,
+            scale_jitter=(lo, hi),
+            val_scale=q,
+            **(dict(loader_workers=1, shuffle_buffer=500) if mini else {}),
+        ),
+        optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, global_batch_size=128 if mini else 256),
+        # mini: the mini preset's schedule (up to 30 epochs, early stop on the last plateau)
+        schedule=ScheduleConfig(epochs=30, plateau_patience=2, early_stop=True)
+        if mini
+        else ScheduleConfig(epochs=120),
+        eval=EvalConfig(
+            protocols=("single", "dense"),
+            test_scales=tuple(paper.to_crop(t, crop) for t in resnet_paper.TEST_SCALES),
+            batch_size=64 if mini else 32,
+        ),
+        run=RunConfig(init="he", log_every_steps=20) if mini else RunConfig(init="he"),
+    )

@@ -32,7 +32,7 @@ from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
 from vggdist.models import unwrap_model
 from vggdist.shardformat import data_dirs, read_manifest, read_stats, split_dir
-from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model
+from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model, sync_batch_norm
 from vggdist.transforms import DeviceAugment
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
     model = build_model(cfg, lc["num_classes"])
     init_state = ckpt.load(lc["init_checkpoint"])["model"] if lc.get("init_checkpoint") else None
     mapping = apply_init(model, cfg, init_state)
+    model = sync_batch_norm(model, cfg.run.sync_bn and world > 1)  # before DDP wraps it
     if cfg.run.use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vggdist import paper
+
 __all__ = [
     "CONFIGS",
     "CONFIG_ORDER",
@@ -31,20 +33,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Layout:
-    """A family's stem and stage widths, and the crop it trains at (``scale``: vggdist's name for that size)."""
+    """A family's stem and stage widths, and the scale it trains at (`vggdist.paper.SCALES`: paper or mini)."""
 
     name: str
     widths: tuple[int, ...]  # filters of each stage
     stem_kernel: int  # first conv: 7×7 stride 2 then a 3×3/2 max-pool (ImageNet), or 3×3 stride 1 (CIFAR)
-    crop_size: int
-    scale: str  # "paper" (224 crops) or "mini" (32 crops): which `vggdist models --scale` lists it
+    scale: str  # "paper" (224 crops) or "mini" (32 crops): its presets' crop, and `vggdist models --scale`
+
+    @property
+    def crop_size(self) -> int:
+        return paper.SCALES[self.scale]["crop_size"]
 
 
 LAYOUTS: dict[str, Layout] = {
     # Table 1: conv1 7×7, 64, stride 2; 3×3 max pool, stride 2; conv2_x … conv5_x at 64/128/256/512.
-    "imagenet": Layout("imagenet", (64, 128, 256, 512), stem_kernel=7, crop_size=224, scale="paper"),
+    "imagenet": Layout("imagenet", (64, 128, 256, 512), stem_kernel=7, scale="paper"),
     # §4.2: "The first layer is 3×3 convolutions", then 6n layers on maps of 32, 16, 8 with 16, 32, 64 filters.
-    "cifar": Layout("cifar", (16, 32, 64), stem_kernel=3, crop_size=32, scale="mini"),
+    "cifar": Layout("cifar", (16, 32, 64), stem_kernel=3, scale="mini"),
 }
 
 

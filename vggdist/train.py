@@ -296,10 +296,15 @@ class TrainLoop:
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The network of `cfg.model` at the crop of `cfg.data` (Table 1 via `vggdist.models.build_vgg`)."""
+    """The network of `cfg.model`: a Table 1 VGG at the crop of `cfg.data` (`vggdist.models.build_vgg`), or a
+    He et al. 2016 plain / residual net (`vggdist.resnet.build_resnet`), which takes any crop."""
+    m = cfg.model
+    if m.family != "vgg":
+        from vggdist.resnet import build_resnet
+
+        return build_resnet(m.name, num_classes, widths=m.widths, shortcut=m.shortcut)
     from vggdist.models import build_vgg
 
-    m = cfg.model
     return build_vgg(
         m.name,
         num_classes,
@@ -311,22 +316,35 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     )
 
 
+def sync_batch_norm(model: nn.Module, enabled: bool) -> nn.Module:
+    """``run.sync_bn``: every BN layer as `torch.nn.SyncBatchNorm`, before DDP wraps the model.
+
+    Training statistics are then computed over the global batch rather than each worker's share; the state
+    dict keeps its keys, so checkpoints load into the plain network for evaluation, which uses the running
+    statistics (eval mode) and never synchronises. Without a process group of 2+ ranks it computes exactly
+    what BatchNorm2d does.
+    """
+    if not enabled:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def apply_init(
     model: nn.Module, cfg: Config, init_state: dict[str, torch.Tensor] | None = None
 ) -> dict[str, str]:
     """§3.1 initialisation chosen by `run.init`; returns the layer mapping applied (empty for a random init).
 
-    - normal / glorot: random init (`vggdist.init.init_weights`).
-    - from-shallower: random init (`run.fill_init`), then net A's conv1_1, conv2_1, conv3_1, conv3_2, fc6–fc8 copied in
+    - normal / glorot / he: random init (`vggdist.init.init_weights`); he is He et al.'s, for their nets.
+    - from-shallower (VGG only; `Config` refuses it for He et al.'s nets): random init (`run.fill_init`), then net A's conv1_1, conv2_1, conv3_1, conv3_2, fc6–fc8 copied in
       (`vggdist.init.init_from_shallower`), the staged start of the deeper nets.
     - resume-weights: every weight from `init_state` (same configuration), e.g. S=384 fine-tuned from S=256.
     """
     from vggdist.init import init_from_shallower, init_weights
 
     init = cfg.run.init
-    scheme = {"normal": "normal", "glorot": "glorot"}.get(init, cfg.run.fill_init)
+    scheme = {"normal": "normal", "glorot": "glorot", "he": "he"}.get(init, cfg.run.fill_init)
     init_weights(model, scheme, std=cfg.run.init_std)
-    if init in ("normal", "glorot"):
+    if init in ("normal", "glorot", "he"):
         return {}
     if init_state is None:
         raise ValueError(f"--init {init} needs the weights of --init-from")
@@ -338,8 +356,13 @@ def apply_init(
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
+        alternative = (
+            "use --init from-shallower to start a deeper net from net A"
+            if cfg.model.family == "vgg"
+            else "use --init he to start from scratch"
+        )
         raise ValueError(
             f"--init resume-weights needs a checkpoint of the same configuration and scale as {cfg.model.name}: {str(e).splitlines()[0]}; "
-            "use --init from-shallower to start a deeper net from net A"
+            f"{alternative}"
         ) from None
     return {"*": "*"}
