@@ -13,6 +13,7 @@ Exit codes of ``vggdist-preprocess shard`` (`preprocess.cli`):
     no image is written off as a reject, and the shard is not marked done.
   - :class:`OutputError`: writing ``--out`` failed (no space, read-only, permission denied, quota). Never
     retried: it fails the same way until someone frees space or fixes the mount.
+  - :class:`OutNotShared` (and missing shards at the end): ``--out`` is not the same directory on every node.
   - anything else is an internal error: its traceback is printed, exit 1.
 
 Rejects (``rejects.jsonl``) are only for content problems: undecodable, truncated, too many pixels, aspect
@@ -159,6 +160,23 @@ class OutputError(JobFailed):
         if self.errno in _NOT_WRITABLE:
             return f"{what}: --out must be writable by this user (on every node); fix that and {resume}"
         return f"{what}: {resume} once --out is healthy"
+
+
+SHARED_OUT = (
+    "--out must be shared storage that every Ray node sees at the same path (NFS, EFS, a parallel "
+    "filesystem); rerun with such an --out"
+)
+
+
+class OutNotShared(JobFailed):
+    """A shard task found no ``--out`` where it ran: a node that does not share the driver's ``--out``."""
+
+    def __init__(self, out: str, node: str) -> None:
+        super().__init__(out, node)
+        self.out, self.node = out, node
+
+    def __str__(self) -> str:
+        return f"{self.out} does not exist on node {self.node}, where a shard task ran: {SHARED_OUT}"
 
 
 def _size(n: int) -> str:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from preprocess.failures import JobError, JobFailed, OutputError, is_output_error
+from preprocess.failures import SHARED_OUT, JobError, JobFailed, OutputError, is_output_error
 from preprocess.images import MAX_FILE_BYTES
 from preprocess.manifest import write_json_atomic
 from vggdist.shardformat import MANIFEST, PARTS, REJECTS, SHARD_NAME_RE, STATS, TOOL
@@ -67,8 +67,7 @@ def check_shards_present(out: Path, tasks: list[ShardTask], markers: dict) -> No
         more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
         raise JobFailed(
             f"{len(wrong)} of {len(tasks)} shards are not in {out} as their tasks wrote them: "
-            f"{', '.join(wrong[:5])}{more}. --out must be shared storage that every Ray node sees at the same "
-            "path (NFS, EFS, a parallel filesystem); rerun with such an --out"
+            f"{', '.join(wrong[:5])}{more}. {SHARED_OUT}"
         )
 
 

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-from preprocess.failures import InputUnavailable, JobError, OutputError, RetryPolicy, ShardsFailed
+from preprocess.failures import InputUnavailable, JobError, JobFailed, RetryPolicy, ShardsFailed
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ def run_on_ray(
                     marker = ray.get(ref)
                 except RayTaskError as err:
                     cause = getattr(err, "cause", None)
-                    if isinstance(cause, OutputError):
-                        raise cause from err
+                    if isinstance(cause, JobFailed) and not isinstance(cause, InputUnavailable):
+                        raise cause from err  # a full or missing --out: no retry helps
                     if not isinstance(cause, InputUnavailable):
                         raise
                     n = attempts[task.name]

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from preprocess import stats as stats_mod
-from preprocess.failures import InputUnavailable, OutputError
+from preprocess.failures import InputUnavailable, OutNotShared, OutputError
 from preprocess.images import ImageLimits, Rejected, to_jpeg
 from preprocess.manifest import write_json_atomic
 from preprocess.sources import ByteReader, Item
@@ -80,6 +81,8 @@ def write_shard(
     """
     hooks = hooks or _NO_HOOKS
     out = Path(out_dir)
+    if not (out / PARTS).is_dir():  # the driver made it: this task runs on a node that does not see --out
+        raise OutNotShared(str(out), socket.gethostname())
     final = out / task.name
     tmp = out / f".{task.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     moments = stats_mod.RGBMoments()

@@ -117,7 +117,7 @@ class SmallFilesystem:
         import subprocess
 
         self.path = base / "mnt"
-        self.path.mkdir()
+        self.path.mkdir(parents=True)
         self._image = None
         tmpfs = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(self.path)]
         if subprocess.run(tmpfs, capture_output=True).returncode != 0:

@@ -205,7 +205,7 @@ def test_output_error_messages_name_the_path_and_the_fix():
 
 
 @pytest.mark.slow
-def test_on_ray_the_driver_retries_transient_read_errors_and_stops_on_persistent_ones(
+def test_on_ray_the_driver_retries_transient_read_errors_and_stops_on_persistent_and_output_ones(
     train_tar, reference, tmp_path, monkeypatch
 ):
     import cloudpickle
@@ -241,7 +241,77 @@ def test_on_ray_the_driver_retries_transient_read_errors_and_stops_on_persistent
             )
         assert fail.calls() == 3 and not (out / "manifest.json").exists()
         assert 1 <= len(list((out / ".parts").glob("train-*.json"))) < 8 and not list(out.glob(".*.tmp-*"))
+
+        try:  # a full --out: the task's OutputError stops the job at once (Ray's retries are for dead workers)
+            fs = faults.SmallFilesystem(tmp_path / "fs")
+        except OSError as e:
+            pytest.skip(f"Ray paths checked; the full --out part needs a mount: {e}")
+        try:
+            out = fs.path / "shards"
+            fs.leave_free(sum(s["bytes"] for s in read_manifest(reference)["shards"]) // 2)
+            with pytest.raises(
+                OutputError, match=r"No space left on device \(ENOSPC\) writing .* free there"
+            ):
+                run_shard_job(jobs.job(train_tar, out), workers=2, progress=False)
+            fs.free_space()
+            run_shard_job(jobs.job(train_tar, out), workers=2, progress=False)
+            jobs.assert_same_result(out, reference)
+        finally:
+            fs.unmount()
     finally:
         ray.shutdown()
         cloudpickle.unregister_pickle_by_value(faults)
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+
+
+def test_a_shard_task_on_a_node_without_out_refuses_with_the_fix(tmp_path):
+    from preprocess.failures import OutNotShared
+
+    item = Item("k", "c", "x.jpg", str(tmp_path / "x.jpg"))
+    with pytest.raises(OutNotShared, match=r"does not exist on node .*--out must be shared storage"):
+        write_shard(str(tmp_path / "elsewhere"), ShardTask(0, "train-000000.tar", ((item, 0),)), jobs.LIMITS)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
+def test_an_out_that_is_not_shared_by_every_ray_node_is_refused_not_listed(train_tar, tmp_path):
+    """Two real Ray nodes; the one that runs the tasks sees, at --out's path, its own directory (a tmpfs in its
+    own mount namespace), as a node-local --out on a real cluster. The driver must not write a manifest."""
+    import os
+    import shutil
+
+    import ray
+
+    try:
+        from tests.ray_cluster import RAY, RayCluster
+    except ImportError:
+        from ray_cluster import RAY, RayCluster
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a node with its own mount namespace")
+    out = tmp_path / "out"
+    out.mkdir()
+    c = RayCluster(num_cpus=0, dashboard=False)  # the head runs no task
+    try:
+        node = (
+            f"mount -t tmpfs -o size=64m tmpfs {out} && mkdir {out}/.parts && exec {RAY} start "
+            f"--address={c.address} --node-ip-address=127.0.0.2 --num-cpus=2 --temp-dir={c.temp_dir} "
+            "--disable-usage-stats"
+        )
+        started = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", node],
+            env=c.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if started.returncode != 0:
+            pytest.skip(f"no second node in its own mount namespace here: {started.stderr[-300:]}")
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes(2)
+        with pytest.raises(JobFailed, match=r"^8 of 8 shards are not in .*--out must be shared storage"):
+            run_shard_job(jobs.job(train_tar, out), workers=2, address=c.address, progress=False)
+        assert not (out / "manifest.json").exists() and not list(out.glob("train-*.tar"))
+    finally:
+        ray.shutdown()
+        c.stop()
