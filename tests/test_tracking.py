@@ -1,5 +1,6 @@
 """vggdist.tracking against real MLflow stores: the sqlite default in a temp cwd, and a real `mlflow server`
-subprocess (slow tests), including the server going away mid-run and coming back."""
+subprocess (slow tests), including the server going away mid-run and coming back, and going away for longer
+than the run (then `vggdist sync` delivers the spool)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from vggdist import __version__, tracking
+from vggdist.cli import main as cli_main
 from vggdist.tracking import (
     TAG_CHECKPOINT,
     TAG_CONFIG,
@@ -62,7 +63,7 @@ def _tracking_warnings(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "vggdist.tracking" and r.levelno >= logging.WARNING
+        if r.name.startswith("vggdist.tracking") and r.levelno >= logging.WARNING
     ]
 
 
@@ -128,7 +129,8 @@ def test_null_tracker_mirrors_tracker_interface():
     t = NullTracker.start("x", run_name="y")
     t.log_params({"a": 1})
     t.log_metrics({"m": 1.0}, step=0)
-    assert t.run_id is None and t.flush() and t.end()
+    t.sync()
+    assert t.run_id is None and t.flush() and t.end() and t.close()
 
 
 # --------------------------------------------------------------------------------- sqlite (default)
@@ -149,7 +151,10 @@ def test_sqlite_default_round_trip(in_tmp_cwd):
     t.log_artifact(in_tmp_cwd / "note.txt", "notes")
     rows = [{"config": "A", "protocol": "dense", "top1_err": 0.31234, "top5_err": 0.1}]
     tracking.log_eval_table(t, rows)
+    spool = Path(t.spool_dir)
+    assert spool.is_dir()  # no storage directory given: a temporary spool ...
     assert t.end() and t.pending == 0
+    assert not spool.exists()  # ... removed once MLflow has everything
 
     run = get_run(t.run_id)
     assert run["name"] == "A-S256" and run["status"] == "FINISHED" and run["end_time"] >= run["start_time"]
@@ -189,6 +194,7 @@ def test_resume_same_run_id(sqlite_uri):
 
     again = Tracker.start("resume", run_id=t.run_id, uri=sqlite_uri, tags={TAG_CHECKPOINT: "/ckpt/1"})
     assert again.run_id == t.run_id and again.experiment_id == t.experiment_id
+    assert again.flush(timeout_s=30)  # the status flip goes through the spool like any logging call
     assert get_run(t.run_id, uri=sqlite_uri)["status"] == "RUNNING"
     again.log_params({"optim.lr": 0.01, "model.config": "D"})  # the restarted worker logs its config again
     with pytest.raises(ValueError, match=r"'optim.lr'.*cannot change it"):
@@ -227,9 +233,9 @@ def test_nested_child_run_has_parent(sqlite_uri):
 def test_rejected_payload_is_dropped_not_retried_forever(sqlite_uri, caplog):
     t = Tracker.start("rejects", uri=sqlite_uri)
     t.log_metrics({"bad name?": 1.0}, step=0)  # MLflow refuses '?' in metric names
-    assert t.pending == 0
-    assert any("rejected" in r.getMessage() for r in caplog.records if r.name == "vggdist.tracking")
-    t.log_metrics({"good": 1.0}, step=0)
+    t.log_metrics({"good": 1.0}, step=0)  # sent in the same batch, which MLflow refuses as a whole
+    assert t.flush(timeout_s=30) and t.pending == 0
+    assert any("rejected" in m for m in _tracking_warnings(caplog))
     assert t.end()
     assert get_run(t.run_id, uri=sqlite_uri)["metrics"] == {"good": 1.0}
 
@@ -257,29 +263,31 @@ def test_resolve_checkpoint(sqlite_uri, tmp_path):
 # ------------------------------------------------------------------------------ unreachable server
 
 
-def test_dead_server_fails_fast_and_warns_once(caplog, monkeypatch):
+def test_dead_server_fails_fast_and_logging_never_waits(caplog, monkeypatch, tmp_path):
     for name in HTTP_VARS:
         monkeypatch.delenv(name, raising=False)
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(ConnectionError, match="cannot reach MLflow"):
+    with pytest.raises(ConnectionError, match="cannot reach MLflow.*MLFLOW_TRACKING_URI"):
         Tracker.start(uri=dead)
     assert time.monotonic() - started < 15
 
-    t = Tracker(mlflow.MlflowClient(dead), run_id="0" * 32, experiment_id="0", retry_interval_s=0)
+    t = Tracker.attach("0" * 32, tmp_path / "run" / "mlflow_spool", uri=dead)  # no call to MLflow at all
     started = time.monotonic()
     for step in range(5):
         t.log_metrics({"train/loss": float(step)}, step=step)
         t.log_params({f"p{step}": step})
-    assert time.monotonic() - started < 5
-    assert t.pending == 10 and not t.flush()
-    assert len(_tracking_warnings(caplog)) == 1
+    assert time.monotonic() - started < 1.0
+    assert t.pending == 10 and not t.flush(timeout_s=1.5)
+    assert not t.close(wait_s=0.5)
+    warnings = _tracking_warnings(caplog)
+    assert len([w for w in warnings if "unreachable" in w]) == 1  # one warning per outage, not per call
+    assert "vggdist sync" in warnings[-1] and "10 logging calls" in warnings[-1]
     assert not any(name in os.environ for name in HTTP_VARS)  # our short HTTP policy is gone again
-
-    small = Tracker(mlflow.MlflowClient(dead), run_id="0" * 32, experiment_id="0", max_pending=3)
-    for step in range(5):
-        small.log_metrics({"x": 1.0}, step=step)
-    assert small.pending == 3
+    assert t.pending == 10  # still on disk, in order
+    segments = sorted((tmp_path / "run" / "mlflow_spool").glob("seg-*.jsonl"))
+    lines = [json.loads(x) for seg in segments for x in seg.read_text().splitlines()][1:]
+    assert [r["metrics"][0][3] for r in lines[::2]] == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------------- real server
@@ -323,10 +331,10 @@ def test_server_outage_mid_run_loses_nothing(
     for name in HTTP_VARS:
         monkeypatch.delenv(name, raising=False)
     server = mlflow_server_process
-    t = Tracker.start("outage", run_name="E", uri=server.uri, retry_interval_s=0)
+    t = Tracker.start("outage", run_name="E", uri=server.uri, spool_dir=tmp_path / "E" / "mlflow_spool")
     t.log_params({"optim.lr": 0.01})
     t.log_metrics({"train/loss": 4.0}, step=0)
-    assert t.pending == 0
+    assert t.flush(timeout_s=30) and t.pending == 0
 
     server.stop()
     slowest = 0.0
@@ -337,13 +345,13 @@ def test_server_outage_mid_run_loses_nothing(
         slowest = max(slowest, time.monotonic() - started)
     t.log_params({"data.train_scale": 256})
     t.log_text("written during the outage", "outage.txt")
-    assert slowest < 2.0, f"a logging call took {slowest:.1f} s against a dead server"
-    assert t.pending == 12 and not t.flush()
+    assert slowest < 0.5, f"a logging call took {slowest:.1f} s against a dead server"
+    assert t.pending == 12 and not t.flush(timeout_s=1.5)
     warnings = _tracking_warnings(caplog)
     assert len(warnings) == 1 and "unreachable" in warnings[0]
 
     server.start()  # same port, same database
-    assert t.flush() and t.pending == 0
+    assert t.flush(timeout_s=60) and t.pending == 0
     assert "reachable again" in _tracking_warnings(caplog)[-1]
     assert t.end()
 
@@ -354,3 +362,52 @@ def test_server_outage_mid_run_loses_nothing(
     assert metric_history(t.run_id, "train/loss", uri=server.uri) == [(s, 4.0 - s) for s in range(6)]
     got = tracking.download_artifact(t.run_id, "outage.txt", tmp_path, uri=server.uri)
     assert Path(got).read_text() == "written during the outage"
+
+
+@pytest.mark.slow
+def test_outage_longer_than_the_run_then_vggdist_sync(
+    mlflow_server_process: MlflowServer,  # noqa: F811
+    caplog,
+    capsys,
+    tmp_path,
+):
+    server = mlflow_server_process
+    storage = tmp_path / "storage"
+    t = Tracker.start("long-outage", run_name="D", uri=server.uri, spool_dir=storage / "D" / "mlflow_spool")
+    t.log_params({"optim.lr": 0.01})
+    t.log_metrics({"val/top1_err": 90.0}, step=1)
+    assert t.flush(timeout_s=30)
+
+    server.stop()
+    for epoch in (2, 3):
+        t.log_metrics({"val/top1_err": 90.0 - epoch}, step=epoch)
+        t.set_tags({TAG_CHECKPOINT: f"/ckpt/epoch_{epoch:03d}"})
+        t.sync()
+    (tmp_path / "table.md").write_text("| a |\n")
+    t.log_artifact(tmp_path / "table.md", "eval")
+    (tmp_path / "table.md").unlink()  # the spool holds its own copy
+    started = time.monotonic()
+    assert not t.end("FINISHED", wait_s=2)
+    assert time.monotonic() - started < 10
+    last = _tracking_warnings(caplog)[-1]
+    assert "stay spooled" in last and f"vggdist sync {storage / 'D'}" in last and "status FINISHED" in last
+
+    server.start()
+    run = get_run(t.run_id, uri=server.uri)
+    assert run["status"] == "RUNNING"  # nothing arrived while it was down
+    assert metric_history(t.run_id, "val/top1_err", uri=server.uri) == [(1, 90.0)]
+
+    assert cli_main(["sync", str(storage)]) == 0
+    out = capsys.readouterr().out
+    assert "delivered 6 logging calls" in out and t.run_id in out
+    run = get_run(t.run_id, uri=server.uri)
+    assert run["status"] == "FINISHED" and run["tags"][TAG_CHECKPOINT] == "/ckpt/epoch_003"
+    rows = tracking.metric_rows(t.run_id, "val/top1_err", uri=server.uri)
+    assert sorted(s for s, _, _ in rows) == [1, 2, 3]  # every epoch, each once
+    got = tracking.download_artifact(t.run_id, "eval/table.md", tmp_path / "dl", uri=server.uri)
+    assert Path(got).read_text() == "| a |\n"
+
+    assert cli_main(["sync", str(storage)]) == 0  # again: nothing left, nothing sent twice
+    assert "nothing spooled" in capsys.readouterr().out
+    assert len(tracking.metric_rows(t.run_id, "val/top1_err", uri=server.uri)) == 3
+    assert cli_main(["sync", str(tmp_path / "missing")]) == 2

@@ -1,4 +1,4 @@
-"""The `vggdist` console script: models, train, evaluate, sweep, report, demo.
+"""The `vggdist` console script: models, train, evaluate, sweep, report, sync, demo.
 
 Each sub-command parses flags and calls one library function; a bad value is a one-line error naming the fix,
 with exit code 2 (usage), and heavy imports (torch, ray, mlflow) happen only in the command that needs them.
@@ -87,6 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "checkpoint": result.checkpoint,
                 "best_checkpoint": result.best_checkpoint,
                 **({"warning": result.warning} if result.warning else {}),
+                **(
+                    {"mlflow_spooled": result.spooled, "deliver_with": f"vggdist sync {result.run_dir}"}
+                    if result.spooled
+                    else {}
+                ),
                 **{k: round(v, 4) for k, v in result.metrics.items()},
             },
             indent=2,
@@ -148,6 +153,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(out["markdown"])
     print(f"\nwritten: {', '.join(out['files'])}")
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from vggdist import tracking
+
+    results = tracking.sync(args.path, uri=args.tracking_uri)
+    for r in results:
+        print(r.line())
+    left = [r for r in results if r.left.calls]
+    if not results:
+        print(f"{args.path}: nothing spooled (every MLflow logging call there is delivered)")
+    elif not left:
+        print(f"done: {len(results)} spool(s) delivered")
+    return 1 if left else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -277,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report", help="output directory for Markdown/CSV/JSON/PNG")
     r.set_defaults(func=cmd_report)
 
+    y = sub.add_parser(
+        "sync",
+        help="deliver the MLflow logging calls an outage left spooled in a storage, run or spool directory",
+    )
+    y.add_argument(
+        "path",
+        metavar="STORAGE_DIR_OR_RUN_DIR",
+        help="--storage-path (all its runs), one run's dir, or a spool",
+    )
+    y.add_argument(
+        "--tracking-uri",
+        help="send to this MLflow instead of the one recorded in the spool (e.g. a new address)",
+    )
+    y.set_defaults(func=cmd_sync)
+
     d = sub.add_parser(
         "demo", help="everything on Fashion-MNIST with embedded defaults (local Ray, SQLite MLflow)"
     )
@@ -311,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # boundary errors (data dirs, checkpoints, manifests) carry the fix in their message
         print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except ConnectionError as e:  # MLflow unreachable when a run must be created: nothing ran, nothing lost
+        print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -265,6 +265,7 @@ class RunConfig:
     experiment: str = DEFAULT_EXPERIMENT
     run_name: str | None = None
     log_every_steps: int = 50
+    mlflow_wait_s: float = 30.0  # at a run's end, how long to wait for MLflow down (then: vggdist sync)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "run.workers must be >= 1")
@@ -296,6 +297,7 @@ class RunConfig:
         )
         _check(self.max_failures >= 0, "run.max_failures must be >= 0")
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+        _check(self.mlflow_wait_s >= 0, "run.mlflow_wait_s must be >= 0 (seconds)")
 
     @property
     def use_bf16(self) -> bool:

@@ -3,7 +3,9 @@
 The only training module that imports ray. The driver (`train`) resolves data, lineage and the MLflow run, then
 starts a TorchTrainer; each worker runs `_worker_loop`, a thin shell around `vggdist.train.TrainLoop` that adds
 three things: the cross-rank sum, checkpoint + `ray.train.report` at every epoch end, and rank-0 MLflow logging
-into the run the driver created (so a restarted worker group keeps logging into the same run).
+into the run the driver created. Rank 0 only appends to the run's durable spool (`<storage>/<run>/mlflow_spool`,
+synced at every epoch end) and never talks to MLflow, so a restarted worker group resumes logging into the same
+run with no network call; the driver's sender replays the spool to MLflow while training runs.
 
 Fault tolerance: `FailureConfig(max_failures)` restarts the worker group, which resumes from
 `ray.train.get_checkpoint()` (model, optimiser, lr schedule, epoch, RNG). Rerunning the same command with the same
@@ -12,6 +14,7 @@ Fault tolerance: `FailureConfig(max_failures)` restarts the worker group, which 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +62,8 @@ class TrainResult:
     best_checkpoint: str | None
     metrics: dict[str, float]
     warning: str | None = None  # the stall guard's warning, when training did not learn
+    run_dir: str | None = None  # <storage>/<run name>: checkpoints and the MLflow spool
+    spooled: int = 0  # logging calls MLflow had not taken when the run ended (`vggdist sync run_dir`)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -155,7 +160,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
         log.info("rank %d resumed from %s at epoch %d", rank, resumed.path, loop.epoch)
 
     tracker = (
-        tracking.Tracker.start(run_id=lc["run_id"], uri=lc["tracking_uri"], experiment=cfg.run.experiment)
+        tracking.Tracker.attach(lc["run_id"], lc["spool_dir"], uri=lc["tracking_uri"], send=False)
         if rank == 0
         else tracking.NullTracker()
     )
@@ -237,6 +242,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
             if lp.schedule.events:
                 tags[runmeta.TAG_LR_SCHEDULE] = json.dumps([e.to_dict() for e in lp.schedule.events])
             tracker.set_tags(tags)
+            tracker.sync()  # the epoch's metrics survive a crash of this machine
         else:
             ray.train.report(_score(metrics))
         _maybe_fail(lp.epoch, rank)
@@ -245,7 +251,7 @@ def _worker_loop(lc: dict[str, Any]) -> dict[str, Any]:
         tracker.log_metrics(m, step=step)
 
     loop.fit(train_batches, val_batches if lc.get("val_dir") else None, on_epoch_end, log_fn=log_step)
-    tracker.flush()
+    tracker.close()
     return {"metrics": last, "mapping": mapping, "warning": loop.stall_guard.warning}
 
 
@@ -276,6 +282,9 @@ def train(
     ensure_ray(address)
     uri = tracking.tracking_uri()
     tracking.check_uri_for_cluster(uri, alive_nodes())
+    storage = storage_path(cfg)
+    tracking.replay_pending(storage)  # runs of this storage an earlier outage left spooled
+    tracking.check_reachable(uri)  # creating the run needs MLflow: fail now, before anything ran
 
     init_checkpoint = init_from_run = None
     if cfg.run.init in ("from-shallower", "resume-weights"):
@@ -283,15 +292,13 @@ def train(
         init_from_run = ckpt.read_meta(init_checkpoint).get("mlflow_run_id") or cfg.run.init_from
 
     run_name = cfg.run.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = os.path.expanduser(cfg.run.storage_path or DEFAULT_STORAGE)
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
+    run_dir = f"{storage}/{run_name}"
     tags = {
         runmeta.TAG_CONFIG: cfg.model.name,
         runmeta.TAG_MANIFEST: runmeta.manifest_hash(train_dir),
         runmeta.TAG_CODE_VERSION: runmeta.code_version(),
         runmeta.TAG_RAY_RUN_NAME: run_name,
-        runmeta.TAG_STORAGE: f"{storage}/{run_name}",
+        runmeta.TAG_STORAGE: run_dir,
         **({runmeta.TAG_STAGE: stage} if stage else {}),
         **({runmeta.TAG_INIT_FROM: init_from_run} if init_from_run else {}),
         **(extra_tags or {}),
@@ -304,6 +311,8 @@ def train(
         parent_run_id=parent_run_id,
         tags=tags,
         uri=uri,
+        spool_dir=tracking.spool_dir(run_dir),
+        wait_s=cfg.run.mlflow_wait_s,
     )
     tracker.log_params(
         {
@@ -319,6 +328,7 @@ def train(
             **({} if existing else {"code_version": tags[runmeta.TAG_CODE_VERSION]}),
         }
     )
+    tracker.sync()
     log.info(
         "MLflow run %s (%s) in %s; %d steps/epoch of %d images",
         tracker.run_id,
@@ -344,8 +354,9 @@ def train(
         "val_dir": str(val_dir) if val_dir else None,
         "run_id": tracker.run_id,
         "tracking_uri": uri,
+        "spool_dir": tracker.spool_dir,
         "init_checkpoint": init_checkpoint,
-        "storage_root": f"{storage}/{run_name}",
+        "storage_root": run_dir,
     }
     trainer = TorchTrainer(
         _worker_loop,
@@ -369,8 +380,8 @@ def train(
     )
     try:
         result = trainer.fit()
-    except Exception:
-        tracker.end("FAILED")
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     if result.error is not None:
         tracker.end("FAILED")
@@ -383,12 +394,19 @@ def train(
         best_checkpoint=best.path if best else None,
         metrics=(result.return_value or {}).get("metrics", {}),
         warning=(result.return_value or {}).get("warning"),
+        run_dir=run_dir,
     )
     tracker.set_tags(
         {runmeta.TAG_CHECKPOINT: out.checkpoint or "", runmeta.TAG_BEST_CHECKPOINT: out.best_checkpoint or ""}
     )
-    tracker.end("FINISHED")
-    return out
+    tracker.end("FINISHED")  # waits a little for MLflow; else says what stays spooled and how to send it
+    return dataclasses.replace(out, spooled=tracker.pending)
+
+
+def storage_path(cfg: Config) -> str:
+    """The run's Ray storage: `run.storage_path` (local paths made absolute) or ~/vggdist_results."""
+    storage = os.path.expanduser(cfg.run.storage_path or DEFAULT_STORAGE)
+    return storage.rstrip("/") if "://" in storage else os.path.abspath(storage)
 
 
 def _unfinished_run(experiment: str, run_name: str, uri: str) -> str | None:
@@ -476,6 +494,10 @@ def evaluate(
     uri = tracking.tracking_uri()
     val_dir = split_dir(data_dir, split)
     members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]
+    run_dir = os.path.dirname(members[0][0].rstrip("/"))  # <storage>/<run name>/epoch_NNN
+    run_spool = tracking.existing_spool(run_dir)  # None for a checkpoint outside any vggdist run storage
+    if run_spool and tracking.replay_pending(os.path.dirname(run_dir)) and members[0][0] != run_or_checkpoint:
+        members[0] = _checkpoint_of(run_or_checkpoint, uri)  # the replay may have moved its checkpoint tag
     cfg = ckpt.load_config(members[0][0])
     scales = list(scales or cfg.eval.test_scales)
     counts = _distributed_counts(
@@ -487,7 +509,8 @@ def evaluate(
             r["models"] = [m[1] or m[0] for m in members]
     run_id = members[0][1]
     if log_to_run and run_id:
-        tracker = tracking.Tracker.start(run_id=run_id, uri=uri)
+        # through the run's spool: kept if MLflow is down; a temporary one (and a warning) for foreign checkpoints
+        tracker = tracking.Tracker.attach(run_id, run_spool, uri=uri, wait_s=cfg.run.mlflow_wait_s)
         prefix = runmeta.EVAL_FUSION if ensemble else runmeta.EVAL
         metrics = {
             runmeta.eval_metric_name(r["protocol"], r["scales"], kind, prefix): r[kind]
@@ -497,7 +520,7 @@ def evaluate(
         tracker.log_metrics(metrics, step=0)
         artifact = runmeta.FUSION_EVAL_RESULTS if ensemble else runmeta.EVAL_RESULTS
         tracking.log_eval_table(tracker, rows, name=artifact)
-        tracker.flush()
+        tracker.close()
     return {"rows": rows, "markdown": runmeta.markdown_table(rows), "run_id": run_id}
 
 

@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
-
 from vggdist import paper, runmeta, tracking
 from vggdist.report_render import plot_error_vs_depth, render_markdown, write_csv
 from vggdist.report_tables import EVAL_ARTIFACT, build_tables, normalize_scale
@@ -43,8 +41,7 @@ def make_report(
     """
     uri = uri or tracking.tracking_uri()
     sweep = _find_sweep(experiment, sweep_run_id, uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment_name = client.get_experiment(sweep["experiment_id"]).name
+    experiment_name = tracking.experiment_name(sweep["experiment_id"], uri=uri)
     # Children carry mlflow.parentRunId (nesting in the UI) and vggdist.sweep = <parent id>: accept either.
     children_by_id = {
         run["run_id"]: run
@@ -55,8 +52,8 @@ def make_report(
     }
     children = sorted(children_by_id.values(), key=lambda r: r["start_time"] or 0)
     with tempfile.TemporaryDirectory(prefix="vggdist-report-") as tmp:
-        runs = [_run_results(client, run, Path(tmp), uri) for run in children]
-        fusion = _load_rows(client, sweep["run_id"], runmeta.FUSION_RESULTS, Path(tmp) / "fusion", uri) or []
+        runs = [_run_results(run, Path(tmp), uri) for run in children]
+        fusion = _load_rows(sweep["run_id"], runmeta.FUSION_RESULTS, Path(tmp) / "fusion", uri) or []
 
     tables = build_tables(runs, fusion)
     plan = sweep["tags"].get(runmeta.TAG_PLAN, "")
@@ -70,8 +67,7 @@ def make_report(
     meta = {"sweep_run_id": sweep["run_id"], "experiment": experiment_name, "plan": plan}
     files[2].write_text(json.dumps({**meta, "tables": tables}, indent=2) + "\n")
     plot_error_vs_depth(tables, files[3], mini=plan == "mini")
-    for f in files:
-        client.log_artifact(sweep["run_id"], str(f), runmeta.REPORT_DIR)
+    tracking.upload_artifacts(sweep["run_id"], files, runmeta.REPORT_DIR, uri=uri)
     log.info("report for sweep %s written to %s and logged on the sweep run", sweep["run_id"], out)
     return {
         "markdown": markdown,
@@ -107,21 +103,19 @@ def _find_sweep(experiment: str, sweep_run_id: str | None, uri: str) -> dict[str
     return max(sweeps, key=lambda r: r["start_time"] or 0)
 
 
-def _load_rows(
-    client: mlflow.MlflowClient, run_id: str, name: str, dst: Path, uri: str
-) -> list[dict[str, Any]] | None:
+def _load_rows(run_id: str, name: str, dst: Path, uri: str) -> list[dict[str, Any]] | None:
     """The "rows" of JSON artifact `name` of a run, or None when the run has no such artifact."""
-    if name not in {f.path for f in client.list_artifacts(run_id)}:
+    if name not in tracking.list_artifacts(run_id, uri=uri):
         return None
     path = tracking.download_artifact(run_id, name, dst, uri=uri)
     with open(path) as f:
         return list(json.load(f).get("rows", []))
 
 
-def _run_results(client: mlflow.MlflowClient, run: dict[str, Any], tmp: Path, uri: str) -> dict[str, Any]:
+def _run_results(run: dict[str, Any], tmp: Path, uri: str) -> dict[str, Any]:
     """One child run as {run_id, config, train_scale, stage, status, rows}; rows is None if not evaluated."""
     tags = run["tags"]
-    rows = _load_rows(client, run["run_id"], EVAL_ARTIFACT, tmp / run["run_id"], uri)
+    rows = _load_rows(run["run_id"], EVAL_ARTIFACT, tmp / run["run_id"], uri)
     if rows is None:
         rows = _rows_from_metrics(run) or None
     out = {

@@ -38,8 +38,9 @@ def _run_stage(
         cfg = replace(cfg, run=replace(cfg.run, init_from=init_from))
     tags = {runmeta.TAG_SWEEP: parent_run_id, runmeta.TAG_TRAIN_SCALE: stage.scale_label}
     result = train(cfg, data_dir, stage=stage.key, parent_run_id=parent_run_id, extra_tags=tags)
+    # a checkpoint path needs no MLflow read, so a stage goes on through an MLflow outage
     evaluate(
-        result.run_id,
+        result.checkpoint or result.run_id,
         data_dir,
         protocols=stage.protocols,
         scales=list(cfg.eval.test_scales),
@@ -48,9 +49,11 @@ def _run_stage(
         log_to_run=True,
         gpu=cfg.run.gpu,
     )
-    done = tracking.Tracker.start(run_id=result.run_id, uri=uri)
+    done = tracking.Tracker.attach(
+        result.run_id, tracking.existing_spool(result.run_dir), uri=uri, wait_s=cfg.run.mlflow_wait_s
+    )
     done.set_tags({runmeta.TAG_EVALUATED: runmeta.TRUE})
-    done.end("FINISHED")
+    done.close()
     return {"run_id": result.run_id, "checkpoint": result.checkpoint, "metrics": result.metrics}
 
 
@@ -69,7 +72,10 @@ def _fusion_done(parent_run_id: str, uri: str) -> bool:
     return tracking.get_run(parent_run_id, uri=uri)["tags"].get(runmeta.TAG_FUSION_DONE) == runmeta.TRUE
 
 
-def _parent_run(experiment: str, sweep_name: str, plan: Plan, uri: str) -> tracking.Tracker:
+def _parent_run(
+    experiment: str, sweep_name: str, plan: Plan, uri: str, spool_dir: str, wait_s: float
+) -> tracking.Tracker:
+    """The sweep's parent run (created, or resumed by sweep name); it logs through `spool_dir`."""
     existing = tracking.find_runs(
         experiment,
         filter_string=f"tags.`{runmeta.TAG_SWEEP_NAME}` = '{sweep_name}' "
@@ -78,7 +84,9 @@ def _parent_run(experiment: str, sweep_name: str, plan: Plan, uri: str) -> track
     )
     if existing:
         log.info("resuming sweep %s (MLflow run %s)", sweep_name, existing[-1]["run_id"])
-        return tracking.Tracker.start(experiment, run_id=existing[-1]["run_id"], uri=uri)
+        return tracking.Tracker.start(
+            experiment, run_id=existing[-1]["run_id"], uri=uri, spool_dir=spool_dir, wait_s=wait_s
+        )
     t = tracking.Tracker.start(
         experiment,
         run_name=f"sweep-{sweep_name}",
@@ -88,6 +96,8 @@ def _parent_run(experiment: str, sweep_name: str, plan: Plan, uri: str) -> track
             runmeta.TAG_PLAN: plan.name,
         },
         uri=uri,
+        spool_dir=spool_dir,
+        wait_s=wait_s,
     )
     t.log_text(plan_to_yaml(plan), runmeta.PLAN_ARTIFACT)
     return t
@@ -117,7 +127,7 @@ def run_sweep(
     progress=None,
 ) -> dict[str, Any]:
     """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results."""
-    from vggdist.ray_train import ensure_ray, evaluate_fusion
+    from vggdist.ray_train import ensure_ray, evaluate_fusion, storage_path
     from vggdist.shardformat import data_dirs
 
     p = builtin_plan(plan)
@@ -125,15 +135,6 @@ def run_sweep(
     sweep_name = sweep_name or f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     ensure_ray(address)
     uri = tracking.tracking_uri()
-    parent = _parent_run(experiment, sweep_name, p, uri)
-    done = _finished_children(parent.run_id, experiment, uri)
-    results: dict[str, dict] = {
-        k: {"run_id": r["run_id"], "checkpoint": r["tags"].get(runmeta.TAG_CHECKPOINT)}
-        for k, r in done.items()
-    }
-    if done:
-        log.info("sweep %s: skipping finished stages %s", sweep_name, sorted(done))
-
     configs = {
         s.key: stage_config(
             p,
@@ -147,6 +148,20 @@ def run_sweep(
         for s in p.stages
     }
     first = next(iter(configs.values())).run
+    storage = storage_path(next(iter(configs.values())))
+    # before reading which stages are done: an earlier outage may have left their results spooled
+    tracking.replay_pending(storage)
+    tracking.check_reachable(uri)
+    parent_spool = tracking.spool_dir(f"{storage}/sweep-{sweep_name}")
+    parent = _parent_run(experiment, sweep_name, p, uri, parent_spool, first.mlflow_wait_s)
+    done = _finished_children(parent.run_id, experiment, uri)
+    results: dict[str, dict] = {
+        k: {"run_id": r["run_id"], "checkpoint": r["tags"].get(runmeta.TAG_CHECKPOINT)}
+        for k, r in done.items()
+    }
+    if done:
+        log.info("sweep %s: skipping finished stages %s", sweep_name, sorted(done))
+
     workers_per_run = first.workers * (1 if gpu else first.cpus_per_worker)  # slots one run takes
     pending = [s for s in p.stages if s.key not in results]
     running: dict[ray.ObjectRef, Stage] = {}
@@ -183,6 +198,7 @@ def run_sweep(
     if len(done) == len(p.stages) and _fusion_done(parent.run_id, uri):
         log.info("sweep %s: every stage and the fusion are done already", sweep_name)
         parent.end("FINISHED")
+        tracking.replay_pending(storage)
         return {**summary, "fusion": f"done (see {runmeta.FUSION_RESULTS} on the parent run)"}
     fusion_rows = []
     stage_of = {s.key: s for s in p.stages}
@@ -204,4 +220,5 @@ def run_sweep(
         parent.log_dict({"rows": fusion_rows}, runmeta.FUSION_RESULTS)
     parent.set_tags({runmeta.TAG_FUSION_DONE: runmeta.TRUE})
     parent.end("FINISHED")
+    tracking.replay_pending(storage)  # what the stages' processes left spooled, if MLflow is back
     return {**summary, "fusion": fusion_rows}

@@ -1,0 +1,300 @@
+"""The MLflow side of tracking: tracking URI, HTTP policy, run creation and the sink a spool is replayed into.
+
+HTTP policy. MLflow's REST client retries a failed request with exponential backoff (by default 7 retries,
+about 4 minutes against a dead server) and waits up to 120 s for a reply; it reads the environment variables
+MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT on every request. While one of our calls runs, the
+variables the user has NOT set are given these values (and removed afterwards):
+  replaying a spool (`MlflowSink`):   MAX_RETRIES=0, TIMEOUT=10 s - the sender does its own retrying;
+  creating / looking up a run:       MAX_RETRIES=2, BACKOFF_FACTOR=1, TIMEOUT=10 s (fail within seconds).
+A variable the user has set is left alone. Read-back helpers use MLflow's defaults. The override is
+process-wide while the call runs: another thread's MLflow call in that window gets the same short policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from vggdist.runmeta import TAG_PARENT_RUN_ID  # noqa: E402
+from vggdist.tracking.sender import Blocked, Rejected, Unreachable  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_LOCAL_SCHEMES = ("", "sqlite", "file")
+
+# MLflow error codes that fail again however often they are sent: the payload is dropped, with an error.
+REJECTED_ERRORS = frozenset(
+    {
+        "BAD_REQUEST",
+        "INVALID_PARAMETER_VALUE",
+        "MALFORMED_REQUEST",
+        "INVALID_STATE",
+        "RESOURCE_ALREADY_EXISTS",
+    }
+)
+# Error codes that say this server cannot take the spool at all: it is kept, delivery stops.
+BLOCKED_ERRORS = frozenset({"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+NO_SUCH_RUN = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+
+LOG_HTTP_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+LIFECYCLE_HTTP_POLICY = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_env_lock = threading.Lock()
+_env_owners: dict[str, int] = {}  # variable -> number of active calls that set it
+_sinks: dict[str, MlflowSink] = {}
+
+
+@contextlib.contextmanager
+def http_policy(policy: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables of `policy` the user has not set, for the duration of one call."""
+    mine = []
+    with _env_lock:
+        for name, value in policy.items():
+            if name in _env_owners:
+                _env_owners[name] += 1
+                mine.append(name)
+            elif name not in os.environ:
+                os.environ[name] = value
+                _env_owners[name] = 1
+                mine.append(name)
+    try:
+        yield
+    finally:
+        with _env_lock:
+            for name in mine:
+                _env_owners[name] -= 1
+                if _env_owners[name] == 0:
+                    del _env_owners[name]
+                    os.environ.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else MLflow's own default made absolute: sqlite:///<cwd>/mlflow.db.
+
+    Resolve this once in the driver and pass it on, since workers may run in another directory.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for stores that live in this node's filesystem: sqlite:, file:, or a plain path."""
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return False
+    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    return scheme in _LOCAL_SCHEMES
+
+
+def check_uri_for_cluster(uri: str, num_nodes: int) -> None:
+    """Refuse a node-local store (sqlite file, ./mlruns) when training spans more than one node."""
+    if num_nodes > 1 and is_local_uri(uri):
+        raise ValueError(
+            f"MLflow tracking URI {uri!r} is a local file and cannot be shared across nodes; start "
+            "`mlflow server` on the head and set MLFLOW_TRACKING_URI=http://HEAD:5000"
+        )
+
+
+def client(uri: str | None = None) -> mlflow.MlflowClient:
+    """One MlflowClient per tracking URI and process (clients hold no per-call state)."""
+    return _client(uri or tracking_uri())
+
+
+@lru_cache(maxsize=16)
+def _client(uri: str) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def one_line(e: BaseException) -> str:
+    """The gist of an error in one short line: MLflow wraps a refused connection in 300 characters of urllib3."""
+    text = str(e).strip()
+    for pattern in (r"\[Errno -?\d+\] [^'\"()]+", r"[Rr]ead timed out[^'\"()]*", r"Connection refused"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(0).strip()
+    msg = text.splitlines()
+    return (msg[0] if msg else type(e).__name__)[:300]
+
+
+def unreachable(uri: str, e: BaseException) -> ConnectionError:
+    return ConnectionError(
+        f"cannot reach MLflow at {uri} ({one_line(e)}); start the server or fix MLFLOW_TRACKING_URI"
+    )
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def experiment_id(c: mlflow.MlflowClient, name: str, *, create: bool) -> str | None:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if create and exp.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
+                f"--experiment-id {exp.experiment_id}`) or choose another --experiment"
+            )
+        return exp.experiment_id
+    if not create:
+        return None
+    try:
+        return c.create_experiment(name)
+    except MlflowException as e:  # another process created it first
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def existing_run(c: mlflow.MlflowClient, run_id: str, uri: str):
+    try:
+        return c.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code in NO_SUCH_RUN:
+            raise ValueError(
+                f"no MLflow run {run_id!r} in {uri}; check the run id in the MLflow UI"
+            ) from None
+        raise
+
+
+def create_run(
+    experiment: str, *, run_name: str | None, tags: Mapping[str, str], uri: str
+) -> tuple[str, str, str]:
+    """Create a run (and the experiment if missing); (run id, run name, experiment id). Raises
+    ConnectionError within seconds when MLflow cannot be reached: nothing has run yet, so nothing is lost."""
+    c = client(uri)
+    try:
+        with http_policy(LIFECYCLE_HTTP_POLICY):
+            exp_id = experiment_id(c, experiment, create=True)
+            run = c.create_run(exp_id, tags=dict(tags), run_name=run_name)
+    except MlflowException as e:
+        if e.error_code in REJECTED_ERRORS | BLOCKED_ERRORS:
+            raise
+        raise unreachable(uri, e) from e
+    log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_id, run.info.run_name, experiment, uri)
+    return run.info.run_id, run.info.run_name, exp_id
+
+
+def check_reachable(uri: str) -> None:
+    """Raise ConnectionError within seconds, naming MLFLOW_TRACKING_URI, when MLflow at `uri` cannot be reached."""
+    try:
+        with http_policy(LIFECYCLE_HTTP_POLICY):
+            client(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.error_code in REJECTED_ERRORS | BLOCKED_ERRORS:
+            raise
+        raise unreachable(uri, e) from e
+
+
+def lookup_run(run_id: str, uri: str) -> tuple[str, dict[str, str]]:
+    """(experiment id, params) of an existing run; ValueError if there is none, ConnectionError if unreachable."""
+    c = client(uri)
+    try:
+        with http_policy(LIFECYCLE_HTTP_POLICY):
+            run = existing_run(c, run_id, uri)
+    except MlflowException as e:
+        if e.error_code in REJECTED_ERRORS | BLOCKED_ERRORS:
+            raise
+        raise unreachable(uri, e) from e
+    return run.info.experiment_id, dict(run.data.params)
+
+
+def parent_tags(tags: Mapping[str, Any] | None, parent_run_id: str | None) -> dict[str, str]:
+    out = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        out[TAG_PARENT_RUN_ID] = parent_run_id
+    return out
+
+
+def check_status(status: str) -> str:
+    RunStatus.from_string(status)  # raises on a typo
+    return status
+
+
+# ------------------------------------------------------------------------------------------ the sink
+
+
+def sink(uri: str) -> MlflowSink:
+    """The process's sink for `uri` (shared, so every sender of the process knows when an outage began)."""
+    with _env_lock:
+        if uri not in _sinks:
+            _sinks[uri] = MlflowSink(uri)
+        return _sinks[uri]
+
+
+class MlflowSink:
+    """Where a spool is replayed: one MlflowClient, errors sorted into Unreachable / Rejected / Blocked.
+
+    `outage_since`: monotonic time of the first failed call of the current outage (None while calls succeed).
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._client = client(uri)
+        self.outage_since: float | None = None
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: list[tuple[str, float, int, int]],
+        params: dict[str, str],
+        tags: dict[str, str],
+    ) -> None:
+        with self._calling():
+            self._client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics],
+                params=[Param(k, v) for k, v in params.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None, is_dir: bool) -> None:
+        with self._calling():
+            if is_dir:
+                self._client.log_artifacts(run_id, local_path, artifact_path)
+            else:
+                self._client.log_artifact(run_id, local_path, artifact_path)
+
+    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+        with self._calling():
+            if RunStatus.is_terminated(RunStatus.from_string(status)):
+                self._client.set_terminated(run_id, status=status, end_time=end_time)
+            else:
+                self._client.update_run(run_id, status=status)
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        try:
+            with http_policy(LOG_HTTP_POLICY):
+                yield
+            self.outage_since = None
+        except MlflowException as e:
+            if e.error_code in REJECTED_ERRORS:
+                raise Rejected(one_line(e)) from e
+            if e.error_code in BLOCKED_ERRORS:
+                raise Blocked(f"MLflow at {self.uri}: {one_line(e)}") from e
+            self.outage_since = self.outage_since or time.monotonic()
+            raise Unreachable(one_line(e)) from e
+        except Exception as e:  # requests errors from artifact uploads
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                raise Blocked(f"MLflow at {self.uri} answered {status}: {one_line(e)}") from e
+            self.outage_since = self.outage_since or time.monotonic()
+            raise Unreachable(one_line(e)) from e
