@@ -1,6 +1,7 @@
 """The durable tracking spool and its replay (vggdist.tracking spool / sender / fileops / sync) into a real MLflow
 store (sqlite): order across writers, durability points, idempotent replay after a crash mid-replay, artifacts,
-torn records, MLflow's batch limits, an object-store layout through pyarrow.fs, and the delivery lease.
+torn records, MLflow's batch limits, an object-store layout through pyarrow.fs (and on a real S3 server: moto's
+server mode on 127.0.0.1, when moto is installed), and the delivery lease.
 
 Faults are injected through the sender's documented extension point, its sink: `Recording` passes every call
 through to the real MLflow sink and can stop the process right after MLflow accepted a call, before the sender
@@ -12,13 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from vggdist import tracking
+from vggdist.cli import main as cli_main
 from vggdist.tracking import client as mlflow_client
 from vggdist.tracking.records import artifact_record, log_record, status_record
 from vggdist.tracking.sender import MAX_METRICS, MAX_PARAMS, MAX_TAGS, Sender
@@ -315,3 +320,68 @@ def test_find_spools_and_the_automatic_replay(uri, tmp_path):
     started = time.perf_counter()
     assert tracking.replay_pending(storage) == []  # nothing pending: a listing and a read per spool
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(tmp_path_factory):
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket; pyarrow and boto find it by AWS_ENDPOINT_URL."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_file = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log_file, stderr=log_file
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="vggdist-spool")
+    yield "s3://vggdist-spool"
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
+    log_file.close()
+
+
+def test_a_spool_on_s3_survives_the_job_and_vggdist_sync_delivers_it(uri, s3_bucket, tmp_path, capsys):
+    run = new_run(uri, "s3")
+    storage = f"{s3_bucket}/ray_results"
+    spool = Spool(tracking.spool_dir(f"{storage}/run-s3"))
+    w = SpoolWriter(spool, uri)
+    w.append(log_record(run, params={"optim.lr": "0.01"}))
+    for epoch in (1, 2):
+        w.append(log_record(run, [("val/top1_err", 10.0 * epoch, now_ms(), epoch)]))
+        w.sync()  # each epoch end: one new object
+    (tmp_path / "plan.yaml").write_text("name: s3\n")
+    w.append(artifact_record(run, w.add_artifact(tmp_path / "plan.yaml"), None, False))
+    w.append(status_record(run, "FINISHED", now_ms()))
+    w.close()
+    assert len(spool.segments()) == 3
+
+    assert cli_main(["sync", storage]) == 0
+    assert f"of run {run}" in capsys.readouterr().out
+    got = tracking.get_run(run, uri=uri)
+    assert got["status"] == "FINISHED" and got["params"] == {"optim.lr": "0.01"}
+    assert tracking.metric_history(run, "val/top1_err", uri=uri) == [(1, 10.0), (2, 20.0)]
+    assert tracking.list_artifacts(run, uri=uri) == ["plan.yaml"]
+    assert spool.files.exists(spool.join("acked.json")) and not spool.has_pending()
+    assert tracking.sync(storage) == []

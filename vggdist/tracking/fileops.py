@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 
 class Files(Protocol):
@@ -234,6 +234,15 @@ def _arrow_fs(uri_root: str):
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+def join_path(base: str | os.PathLike, *names: str) -> str:
+    """`base/name/...` for a local path or a URI (a URI's `?query`, e.g. `?endpoint_override=…`, stays last)."""
+    base = os.fspath(base)
+    if not is_uri(base):
+        return os.path.join(base, *names)
+    u = urlsplit(base)
+    return urlunsplit((u.scheme, u.netloc, "/".join([u.path.rstrip("/"), *names]), u.query, u.fragment))
 
 
 def files_for(path: str | os.PathLike) -> tuple[Files, str]:

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from vggdist.tracking.fileops import files_for, fsync_dir, is_uri
+from vggdist.tracking.fileops import files_for, fsync_dir, join_path
 from vggdist.tracking.records import Entry
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ _SEGMENT = re.compile(r"seg-(\d{8})-([0-9a-f]{8})\.jsonl")
 
 def spool_dir(run_dir: str | os.PathLike) -> str:
     """The spool directory of a run's storage directory (`<storage>/<run name>`)."""
-    run_dir = os.fspath(run_dir)
-    return f"{run_dir.rstrip('/')}/{SPOOL_DIR}" if is_uri(run_dir) else os.path.join(run_dir, SPOOL_DIR)
+    return join_path(run_dir, SPOOL_DIR)
 
 
 def existing_spool(run_dir: str | os.PathLike) -> str | None:

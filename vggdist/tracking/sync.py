@@ -12,16 +12,12 @@ import os
 from dataclasses import dataclass, field
 
 from vggdist.tracking import client as mlflow_client
-from vggdist.tracking.fileops import files_for, is_uri
+from vggdist.tracking.fileops import files_for, join_path
 from vggdist.tracking.records import Tally
 from vggdist.tracking.sender import Report, Sender, Unreachable
 from vggdist.tracking.spool import SPOOL_DIR, Spool
 
 log = logging.getLogger(__name__)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path.rstrip('/')}/{name}" if is_uri(path) else os.path.join(path, name)
 
 
 def find_spools(path: str | os.PathLike) -> list[Spool]:
@@ -37,11 +33,11 @@ def find_spools(path: str | os.PathLike) -> list[Spool]:
     if os.path.basename(root.rstrip("/")) == SPOOL_DIR or any(n.startswith("seg-") for n in listing):
         return [Spool(path)]
     if SPOOL_DIR in listing:
-        return [Spool(_join(path, SPOOL_DIR))]
+        return [Spool(join_path(path, SPOOL_DIR))]
     found = []
     for name in sorted(n for n, size in listing.items() if size is None):
         if SPOOL_DIR in files.listdir(files.join(root, name)):
-            found.append(Spool(_join(_join(path, name), SPOOL_DIR)))
+            found.append(Spool(join_path(path, name, SPOOL_DIR)))
     return found
 
 
