@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -288,6 +289,27 @@ def test_dead_server_fails_fast_and_logging_never_waits(caplog, monkeypatch, tmp
     segments = sorted((tmp_path / "run" / "mlflow_spool").glob("seg-*.jsonl"))
     lines = [json.loads(x) for seg in segments for x in seg.read_text().splitlines()][1:]
     assert [r["metrics"][0][3] for r in lines[::2]] == [0, 1, 2, 3, 4]
+
+
+def test_a_server_that_never_answers_costs_training_nothing(tmp_path):
+    """Packets dropped: MLflow's client waits 10 s per request there. Logging calls must not, nor closing."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # the kernel completes connections; nobody ever reads or answers
+        t = Tracker.attach(
+            "0" * 32, tmp_path / "run" / "mlflow_spool", uri=f"http://127.0.0.1:{hole.getsockname()[1]}"
+        )
+        slowest = 0.0
+        for step in range(50):
+            started = time.monotonic()
+            t.log_metrics({"train/step_loss": 1.0 / (step + 1)}, step=step)
+            slowest = max(slowest, time.monotonic() - started)
+        time.sleep(1.5)  # the sender is now stuck in a request
+        assert slowest < 0.05, f"a logging call took {slowest:.2f} s"
+        started = time.monotonic()
+        assert not t.close(wait_s=1)
+        assert time.monotonic() - started < 5
+        assert t.pending == 50
 
 
 # --------------------------------------------------------------------------------- real server

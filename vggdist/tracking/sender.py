@@ -211,12 +211,15 @@ class Sender:
             return self._clean_pass >= target
 
     def stop(self, timeout_s: float = 0.0) -> bool:
-        """Drain for up to `timeout_s`, then end the thread and give the lease up. True if all was delivered."""
+        """Drain for up to `timeout_s`, then end the thread and give the lease up. True if all was delivered.
+
+        A call still waiting on a server that does not answer is not waited for: the thread ends (and releases the
+        lease) when that call returns or fails; it is a daemon, so it does not keep the process alive."""
         ok = self.drain(timeout_s, final=True)
         self._stopping = True
         self.wake()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=2)
         return ok
 
     def _loop(self) -> None:
@@ -259,7 +262,7 @@ class Sender:
         self.report.error = None
         i = 0
         try:
-            while i < len(entries):
+            while i < len(entries) and not self._stopping:
                 i = self._send_from(entries, i)
                 self.lease.renew()
             if self._outage_since is not None:

@@ -3,7 +3,7 @@
 Layout of `<storage>/<run name>/mlflow_spool/`:
 
     seg-00000001-3f2a9c1e.jsonl   numbered append-only segments of JSON records, one per line
-    seg-00000002-b71d04aa.jsonl   (number, then the id of the process that wrote it)
+    seg-00000002-b71d04aa.jsonl   (number, then the id of the writer; records: `vggdist.tracking.records`)
     artifacts/<id>/<file>         copies of logged artifacts, made when they were logged
     acked.json                    {segment: bytes MLflow has acknowledged}; written by the sender only
     lease.json                    which process delivers this spool now (heartbeat; see `Lease`)
