@@ -138,7 +138,13 @@ def test_a_run_that_cannot_learn_says_so_in_the_log_and_in_mlflow(env):
             env,
             "A",
             "tiny-A-stuck",
-            **{"schedule.epochs": 3, "run.workers": 1, "run.init": "normal", "optim.lr": 1e-12},
+            **{
+                "schedule.epochs": 3,
+                "schedule.plateau_patience": 1,
+                "run.workers": 1,
+                "run.init": "normal",
+                "optim.lr": 1e-12,
+            },
         ),
         str(env["data"]),
     )
