@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import traceback
@@ -20,6 +19,7 @@ from preprocess.shards import DEFAULT_SAMPLES_PER_SHARD, JobError, ShardHooks, S
 from preprocess.sources import SourceError
 from preprocess.stats import format_stats
 from preprocess.verify import verify
+from vggdist import cluster
 from vggdist.shardformat import SPLITS, DataError, read_stats
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="parallel tasks (default: all CPUs); 1 without --address runs without Ray"
     )
     s.add_argument(
-        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray in this process)"
+        "--address",
+        help="Ray cluster (GCS) address HOST:PORT, or auto for the cluster started on this machine "
+        "(default: $RAY_ADDRESS, else a private local Ray started for this job)",
     )
     s.add_argument(
         "--overwrite", action="store_true", help="replace the output of a different command in --out"
@@ -164,11 +166,14 @@ def _shard(args: argparse.Namespace, hooks: ShardHooks | None, retry: RetryPolic
             text = re.sub(rf"\b{field}\b", flag, text)
         raise JobError(text) from None
     job = ShardJob(args.source, args.split, args.out, args.labels, limits, args.samples_per_shard, args.seed)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        target = cluster.resolve(args.address)  # --address, else RAY_ADDRESS, else a private local Ray
+    except cluster.AddressError as e:
+        raise JobError(str(e)) from None
     summary = run_shard_job(
         job,
         workers=args.workers,
-        address=address,
+        address=target,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         hooks=hooks,

@@ -10,11 +10,10 @@ keep ``max_retries=3`` for what it is made for — a worker process or node that
 work is kept), and :class:`failures.ShardsFailed` names every failed input. An :class:`failures.OutputError`
 (no space, read-only ``--out``) is never retried: it stops the job at once.
 
-**Connecting** (`ray_pool`) happens before the job writes anything, so a wrong address leaves nothing behind:
-`check_address` refuses an HTTP URL (the dashboard / job-server address that ``ray job submit`` takes) and an
-address where nothing listens, in seconds, with a one-line :class:`failures.JobError` (exit 2). Without an
-address a private local Ray is started for the job (``address="local"``), never a cluster that merely happens
-to be recorded on this machine.
+**Connecting** (`ray_pool`) follows the address rule of every vggdist command (`vggdist.cluster`): the
+address is checked before the job writes anything, so a wrong one (an HTTP dashboard URL, nothing listening, a
+dead head) leaves nothing behind and is a one-line :class:`failures.JobError` (exit 2); without an address a
+private local Ray is started for the job, never a cluster that merely happens to be recorded on this machine.
 """
 
 from __future__ import annotations
@@ -24,17 +23,14 @@ import heapq
 import itertools
 import logging
 import os
-import re
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 from preprocess.failures import InputUnavailable, JobError, JobFailed, RetryPolicy, ShardsFailed
+from vggdist import cluster
 
 log = logging.getLogger(__name__)
-
-_HTTP = re.compile(r"^https?://", re.IGNORECASE)
 
 
 def _log_retry(e: InputUnavailable, attempt: int, retry: RetryPolicy) -> None:
@@ -72,61 +68,30 @@ def run_in_process(
         raise ShardsFailed(failures) from failures[-1][0]
 
 
-def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse (:class:`JobError`) an address that is not a Ray cluster's, or where nothing listens."""
-    if address in ("auto", "local"):
-        return
-    if _HTTP.match(address):
-        raise JobError(
-            f"Ray address {address!r} (--address or RAY_ADDRESS) is an HTTP URL: that is the dashboard / job "
-            "server that `ray job submit --address` takes; a driver needs the cluster address HOST:6379, or "
-            "submit this command as a job with `ray job submit`"
-        )
-    host_port = address[len("ray://") :] if address.startswith("ray://") else address
-    host, sep, port = host_port.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise JobError(
-            f"Ray address {address!r} (--address or RAY_ADDRESS) is not HOST:PORT, e.g. 10.0.0.5:6379"
-        )
+def check_address(target: cluster.Target) -> None:
+    """Probe a cluster target (`vggdist.cluster.check`); a wrong address is a :class:`JobError`."""
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise JobError(
-            f"nothing answers at the Ray address {address!r} (--address or RAY_ADDRESS): "
-            f"{e.strerror or e}; start the cluster (`ray start --head`) or fix the address"
-        ) from None
+        cluster.check(target)
+    except cluster.AddressError as e:
+        raise JobError(str(e)) from None
 
 
 @contextlib.contextmanager
-def ray_pool(address: str | None, workers: int | None) -> Iterator[int]:
-    """Connect to Ray (or start a private local one) and yield how many shard tasks to keep in flight; shut
-    down on exit what was started here."""
+def ray_pool(target: cluster.Target, workers: int | None) -> Iterator[int]:
+    """Ray by the address rule (a private local Ray sized to ``workers``, or the cluster), yielding how many
+    shard tasks to keep in flight; a Ray started here is shut down on exit, one already running is kept."""
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False)
-        else:
-            check_address(address)
-            try:
-                ray.init(address=address, log_to_driver=True)
-            except (
-                ConnectionError,
-                ValueError,
-                TimeoutError,
-                SystemExit,
-            ) as e:  # SystemExit: GCS unreachable
-                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise JobError(
-                    f"cannot connect to the Ray cluster at {address!r} (--address or RAY_ADDRESS): {text}"
-                ) from None
-        started = True
+    already = ray.is_initialized()
     try:
-        yield workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        where = cluster.connect(target, num_cpus=workers or os.cpu_count() or 1, include_dashboard=False)
+    except cluster.AddressError as e:
+        raise JobError(str(e)) from None
+    try:
+        yield workers or max(1, int(where.cpus or ray.cluster_resources().get("CPU", 1)))
     finally:
-        if started:
-            ray.shutdown()
+        if not already:
+            cluster.shutdown()
 
 
 def run_on_ray(

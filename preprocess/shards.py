@@ -8,8 +8,8 @@ How a job runs (``run_shard_job``)
    (so every shard mixes all classes even though the train tar is grouped by class), val inputs keep source
    order; then consecutive runs of ``samples_per_shard`` inputs form shard ``{split}-{index:06d}.tar``. Inputs
    rejected while decoding simply leave their shard a little short. Nothing has been written yet: the
-   arguments, the source, ``--out`` (`preprocess.outdir`) and the Ray connection (`runner.ray_pool`) are all
-   checked before ``--out`` is created, so bad input leaves nothing behind.
+   arguments, the source, ``--out`` (`preprocess.outdir`) and the Ray address (`vggdist.cluster`'s rule) are
+   all checked before ``--out`` is created, so bad input leaves nothing behind.
 3. One task per shard (a Ray task, or in-process when ``workers == 1`` and no cluster address): it reads its
    inputs in place with ``pread``, writes the tar under a hidden temporary name, fsyncs, renames it to its final
    name, then atomically writes a done-marker ``.parts/<shard>.json`` (keys, rejects, exact RGB moments, bytes,
@@ -52,6 +52,7 @@ from preprocess.images import ImageLimits
 from preprocess.manifest import JobSummary, finalize
 from preprocess.shard_writer import ShardHooks, write_shard
 from preprocess.sources import Item, Listing, list_source
+from vggdist import cluster
 from vggdist.shardformat import PARTS, SPLITS, shard_name
 
 __all__ = ["JobError", "JobFailed", "ShardHooks", "ShardJob", "run_shard_job", "write_shard"]
@@ -127,7 +128,7 @@ def run_shard_job(
     job: ShardJob,
     *,
     workers: int | None = None,
-    address: str | None = None,
+    address: str | cluster.Target | None = None,
     overwrite: bool = False,
     progress: bool = True,
     hooks: ShardHooks | None = None,
@@ -143,8 +144,8 @@ def run_shard_job(
     """
     t0 = time.perf_counter()
     out = Path(job.out).expanduser().resolve()
-    if address is not None:
-        runner.check_address(address)  # a typo fails in seconds, not after listing a 150 GB tar
+    target = _target(address)
+    runner.check_address(target)  # a typo fails in seconds, not after listing a 150 GB tar
     listing = _list_source(job, retry)
     if not listing.items and not listing.rejects:
         raise JobError(f"--source {job.source} holds no inputs")
@@ -152,8 +153,8 @@ def run_shard_job(
     identity = {**job.identity(), "plan": _fingerprint(listing, tasks)}
     outdir.check_out(out, job.source)
     outdir.check_claim(out, identity, overwrite)
-    in_process = address is None and (workers or os.cpu_count() or 1) == 1
-    with contextlib.nullcontext(None) if in_process else runner.ray_pool(address, workers) as ray_workers:
+    in_process = target.local and (workers or os.cpu_count() or 1) == 1
+    with contextlib.nullcontext(None) if in_process else runner.ray_pool(target, workers) as ray_workers:
         with outdir.writing(out):  # from here on, an OSError is --out failing
             out.mkdir(parents=True, exist_ok=True)
             (out / PARTS).mkdir(exist_ok=True)
@@ -190,6 +191,17 @@ def run_shard_job(
     summary.processed = sum(len(t.items) for t in pending)
     summary.resumed_shards = len(tasks) - len(pending)
     return summary
+
+
+def _target(address: str | cluster.Target | None) -> cluster.Target:
+    """Where the shard tasks run: a `cluster.Target` as resolved by the command line, else `address` itself
+    (None: a private local Ray, or this process for one worker)."""
+    if isinstance(address, cluster.Target):
+        return address
+    try:
+        return cluster.resolve(address, environ={})
+    except cluster.AddressError as e:
+        raise JobError(str(e)) from None
 
 
 def _list_source(job: ShardJob, retry: RetryPolicy) -> Listing:

@@ -1,0 +1,426 @@
+"""Where a command runs: the one address rule of every entry point, checked before anything is written.
+
+The rule (`vggdist train | evaluate | sweep | demo`, `vggdist-preprocess`, `jobs/*`; `report` needs no Ray):
+
+1. ``--address`` when given;
+2. else ``RAY_ADDRESS`` (what ``ray job submit`` sets for its entrypoint: the cluster's GCS address);
+3. else a private local Ray that this process starts and stops (``ray.init(address="local")``). It never joins
+   a cluster merely because one is recorded on this machine (``ray start --head`` writes
+   ``/tmp/ray/ray_current_cluster``; plain ``ray.init()`` would join it, or hang on it once that head is dead).
+
+``--address auto`` keeps Ray's meaning, "the cluster started on this machine" (its record), for a user who wants
+a running local cluster on purpose. A cluster address is the GCS address ``HOST:PORT`` (port 6379 by default),
+or ``ray://HOST:10001`` for Ray Client. A dashboard / job-server URL (``http://HOST:8265``, what ``ray job submit
+--address`` takes) is refused with a line explaining the difference.
+
+`check` probes a cluster address before ``ray.init`` touches it: one gRPC call to the GCS
+(``NodeInfoGcsService.GetAllNodeInfo``) with a deadline, so a typo, a dead head or a dashboard port fails in
+seconds with :class:`AddressError` (a usage error, exit 2) instead of Ray's minutes of "Failed to connect to
+GCS". `connect` applies the rule, prints one line saying where (``Ray: local, 2 CPUs`` or ``Ray: cluster at
+10.0.0.5:6379, 8 nodes, 512 CPUs, 64 GPUs``) and starts or joins Ray once per process; `shutdown` stops only a
+Ray that `connect` started. Ray is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+LOCAL = "local"
+ENV = "RAY_ADDRESS"
+PROBE_TIMEOUT_S = 10.0  # one gRPC call; a blackholed host costs this much, a closed port milliseconds
+
+# Quiet and contained: one copy of each worker print, no usage reporting, no MLflow telemetry. Set in this
+# process before Ray starts (a local Ray's workers inherit them) and passed to training workers explicitly.
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+_HTTP = re.compile(r"^https?://", re.IGNORECASE)
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})$")
+
+
+class AddressError(ValueError):
+    """A Ray address that cannot work (a usage error, exit code 2); the message is one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the rule says to run: a cluster address, or None for a private local Ray."""
+
+    address: str | None  # as given: "HOST:PORT", "ray://HOST:PORT", "auto"; None: private local Ray
+    origin: str  # "--address", "RAY_ADDRESS" or "default"
+
+    @property
+    def local(self) -> bool:
+        return self.address is None
+
+    @property
+    def named(self) -> str:
+        """The address and where it came from, for messages: "'10.0.0.5:6379' (--address)"."""
+        return f"{self.address!r} ({self.origin})" if self.address else "a private local Ray"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where this process's Ray is: what the first line of a command and the MLflow tag `vggdist.ray` say."""
+
+    kind: str  # "local" (started here), "cluster" (joined), or "in-process" (no Ray: Ray Train local mode)
+    address: str | None = None
+    nodes: int = 1
+    cpus: float = 0
+    gpus: float = 0
+
+    @property
+    def local(self) -> bool:
+        return self.kind != "cluster"
+
+    def describe(self) -> str:
+        """ "local, 2 CPUs", "cluster at 10.0.0.5:6379, 8 nodes, 512 CPUs, 64 GPUs"."""
+        res = _count(self.cpus, "CPU") + (f", {_count(self.gpus, 'GPU')}" if self.gpus else "")
+        if self.kind == "cluster":
+            return f"cluster at {self.address}, {_count(self.nodes, 'node')}, {res}"
+        if self.kind == "in-process":
+            return f"local, Ray Train local mode (1 worker in this process), {res}"
+        return f"local, {res}"
+
+    def __str__(self) -> str:
+        return f"Ray: {self.describe()}"
+
+
+def _count(n: float, noun: str) -> str:
+    n = int(n) if float(n).is_integer() else n
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# ------------------------------------------------------------------------------------------------- the rule
+
+
+def resolve(address: str | None = None, environ: Mapping[str, str] | None = None) -> Target:
+    """The address rule, without touching the network: `address` (the flag), else RAY_ADDRESS, else local.
+
+    Raises AddressError for a dashboard URL or something that is not HOST:PORT."""
+    env = os.environ if environ is None else environ
+    if address:
+        target = Target(address.strip(), "--address")
+    elif env.get(ENV, "").strip():
+        target = Target(env[ENV].strip(), ENV)
+    else:
+        return Target(None, "default")
+    if target.address == LOCAL:
+        return Target(None, target.origin)
+    if target.address == AUTO:
+        return target
+    if _HTTP.match(target.address):
+        raise AddressError(
+            f"Ray address {target.named} is an HTTP URL: that is the dashboard / job server, which `ray job "
+            f"submit --address {target.address}` takes to run a command as a job; a command run here needs "
+            "the cluster's GCS address HOST:PORT (e.g. 10.0.0.5:6379, `ray status` on the head prints it), "
+            "or no address for a private local Ray"
+        )
+    if _HOST_PORT.match(_strip_client(target.address)) is None:
+        raise AddressError(
+            f"Ray address {target.named} is not HOST:PORT: use the cluster's GCS address (e.g. "
+            "10.0.0.5:6379), ray://HOST:10001 for Ray Client, `auto` for the cluster started on this machine "
+            "(`ray start --head`), or no address for a private local Ray"
+        )
+    return target
+
+
+def _strip_client(address: str) -> str:
+    return address[len("ray://") :] if address.startswith("ray://") else address
+
+
+def recorded_address(temp_dir: str | None = None) -> str | None:
+    """The GCS address `ray start --head` recorded on this machine (what `--address auto` means), if any."""
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        with open(get_ray_address_file(temp_dir)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ the probe
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the GCS at an address said: its live nodes and their resources (None when it refused to say)."""
+
+    address: str
+    nodes: int | None = None
+    cpus: float = 0
+    gpus: float = 0
+
+
+def check(target: Target, timeout_s: float = PROBE_TIMEOUT_S) -> Probe | None:
+    """Probe a cluster target before `ray.init` (None for a local target); AddressError within `timeout_s`
+    when no Ray cluster answers there, naming the address and the fix."""
+    if target.local:
+        return None
+    address = target.address
+    if address == AUTO:
+        address = recorded_address()
+        if address is None:
+            raise AddressError(
+                f"--address auto {_via(target)}found no Ray cluster started on this machine (`ray start "
+                "--head` records one); start it, give its address, or drop --address for a private local Ray"
+            )
+    if address.startswith("ray://"):
+        _tcp_check(target, _strip_client(address), timeout_s)
+        return Probe(address)
+    return _gcs_probe(target, address, timeout_s)
+
+
+def _via(target: Target) -> str:
+    return "(RAY_ADDRESS) " if target.origin == ENV else ""
+
+
+def _split(address: str) -> tuple[str, int]:
+    m = _HOST_PORT.match(address)
+    if m is None:
+        raise AddressError(f"Ray address {address!r} is not HOST:PORT")
+    return m["host"].strip("[]"), int(m["port"])
+
+
+def _unreachable(target: Target, address: str, why: str) -> AddressError:
+    recorded = target.address == AUTO
+    what = (
+        f"the Ray cluster recorded on this machine ({address}, --address auto)"
+        if recorded
+        else (f"Ray address {target.named}")
+    )
+    fix = (
+        "it was probably stopped or killed: start it again (`ray start --head`) or drop --address for a "
+        "private local Ray"
+        if recorded
+        else "start the cluster (`ray start --head` on the head node), fix the address (the GCS port, 6379 "
+        "by default), or drop it for a private local Ray"
+    )
+    return AddressError(f"no Ray cluster answers at {what}: {why}; {fix}")
+
+
+def _tcp_check(target: Target, address: str, timeout_s: float) -> None:
+    host, port = _split(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise _unreachable(target, address, e.strerror or type(e).__name__) from None
+
+
+def _gcs_probe(target: Target, address: str, timeout_s: float) -> Probe:
+    """One GetAllNodeInfo call to the GCS at `address`; an HTTP/1 answer there is named as a dashboard."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    host, port = _split(address)
+    t0 = time.monotonic()
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+            gcs_service_pb2.GetAllNodeInfoRequest(), timeout=timeout_s
+        )
+    except grpc.RpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:  # a GCS with token auth: ray.init brings the token
+            return Probe(address)
+        details = (e.details() or str(code)).strip()
+        if "HTTP/2" in details or "http2" in details.lower():
+            raise AddressError(
+                f"Ray address {target.named} answers HTTP, not Ray's GCS: a dashboard / job server port "
+                f"(8265 by default) is what `ray job submit --address http://{address}` takes; a command run "
+                "here needs the cluster's GCS address HOST:PORT (6379 by default), or no address for a "
+                "private local Ray"
+            ) from None
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = f"no answer within {timeout_s:.0f} s"
+        elif "refused" in details.lower():
+            why = "connection refused"
+        else:
+            why = details.split(";")[-1].strip()[:160]
+        raise _unreachable(target, address, why) from None
+    finally:
+        channel.close()
+    alive = [n for n in reply.node_info_list if n.state == 0]  # GcsNodeInfo.ALIVE
+    log.debug("GCS at %s answered in %.2f s: %d live nodes", address, time.monotonic() - t0, len(alive))
+    if not alive:
+        raise _unreachable(target, address, "its GCS answers but has no live node")
+    return Probe(
+        address,
+        nodes=len(alive),
+        cpus=sum(n.resources_total.get("CPU", 0) for n in alive),
+        gpus=sum(n.resources_total.get("GPU", 0) for n in alive),
+    )
+
+
+# ------------------------------------------------------------------------------------------ connecting
+
+
+_started_here = False
+_where: Where | None = None
+
+
+def connect(
+    address: str | Target | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    include_dashboard: bool | None = None,
+    log_to_driver: bool = True,
+    logging_level: int = logging.INFO,
+    announce: bool = True,
+    **init_kwargs,
+) -> Where:
+    """Apply the address rule and start or join Ray, once per process; returns (and prints, with `announce`)
+    where it runs. Later calls return the same `Where`; in a process Ray already runs in (a Ray task, a test
+    that called `ray.init`), it is described as found, nothing is printed.
+
+    `num_cpus`/`num_gpus` size a private local Ray only (a cluster has its own). `include_dashboard`: None is
+    Ray's default; Ray Train's placement-group cleaner polls the dashboard's state API, so training keeps it.
+    `log_to_driver`, `logging_level` and `init_kwargs` go to `ray.init` as they are.
+    """
+    global _started_here, _where
+    target = address if isinstance(address, Target) else resolve(address)
+    import ray
+
+    if ray.is_initialized():
+        return _where if _where is not None else _describe_running(ray)
+    _started_here, _where = False, None  # a Ray of ours that someone else shut down
+    probe = check(target)
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    t0 = time.monotonic()
+    if target.local:
+        # said before Ray starts, so that it is the command's first line
+        where = Where(
+            "local", cpus=num_cpus or _local_cpus(), gpus=_local_gpus() if num_gpus is None else num_gpus
+        )
+        if announce:
+            say(where)
+        kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard)
+        if include_dashboard is not False:
+            kwargs["dashboard_host"] = "127.0.0.1"  # a private Ray: its dashboard stays on this machine
+        ray.init(
+            address=LOCAL, log_to_driver=log_to_driver, logging_level=logging_level, **kwargs, **init_kwargs
+        )
+        _started_here = True
+    else:
+        if announce and probe.nodes is not None:
+            say(Where("cluster", probe.address, nodes=probe.nodes, cpus=probe.cpus, gpus=probe.gpus))
+        # no runtime_env here: inside `ray job submit` the job's own runtime env (working dir, env vars) applies
+        try:
+            ray.init(
+                address=probe.address, log_to_driver=log_to_driver, logging_level=logging_level, **init_kwargs
+            )
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError, SystemExit) as e:
+            # SystemExit: Ray's own "GCS unreachable" exit; RuntimeError: e.g. a Ray version mismatch
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AddressError(f"cannot connect to the Ray cluster at {target.named}: {text}") from None
+        where = _describe_running(ray, probe.address)
+        if announce and probe.nodes is None:
+            say(where)
+    log.debug("Ray ready in %.1f s", time.monotonic() - t0)
+    _where = where
+    return where
+
+
+def say(where: Where) -> None:
+    """The line that tells the user where a command runs (stderr, so stdout stays machine-readable)."""
+    print(str(where), file=sys.stderr, flush=True)
+
+
+def in_process(cpus: int | None = None) -> Where:
+    """Where a run that starts no Ray at all (Ray Train local mode, one worker) runs."""
+    return Where("in-process", cpus=cpus or _local_cpus())
+
+
+def _describe_running(ray, address: str | None = None) -> Where:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    res = ray.cluster_resources()
+    if _started_here:
+        return Where("local", cpus=res.get("CPU", 0), gpus=res.get("GPU", 0))
+    if address is None:
+        with contextlib.suppress(Exception):
+            address = ray.get_runtime_context().gcs_address
+    return Where("cluster", address, nodes=len(nodes), cpus=res.get("CPU", 0), gpus=res.get("GPU", 0))
+
+
+def _local_cpus() -> int:
+    """The CPUs a local Ray would detect (cgroup limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except Exception:  # a Ray without the helper: the plain count
+        return os.cpu_count() or 1
+
+
+def _local_gpus() -> int:
+    """The GPUs a local Ray would detect (CUDA_VISIBLE_DEVICES respected); 0 when none or unknown."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return len(visible) if visible is not None else int(manager.get_current_node_num_accelerators())
+    except Exception:
+        return 0
+
+
+def current() -> Where | None:
+    """Where this process's Ray runs, if `connect` was called (None before)."""
+    return _where
+
+
+def started_here() -> bool:
+    return _started_here
+
+
+def shutdown() -> None:
+    """Stop the private local Ray `connect` started (a joined cluster is only disconnected from)."""
+    global _started_here, _where
+    import ray
+
+    if ray.is_initialized() and _where is not None:
+        ray.shutdown()
+    _started_here = False
+    _where = None
+
+
+@contextlib.contextmanager
+def session(address: str | Target | None = None, **kwargs) -> Iterator[Where]:
+    """`connect` for the length of a `with` block: on exit, Ray is shut down if this block started it."""
+    import ray
+
+    already = ray.is_initialized()
+    where = connect(address, **kwargs)
+    try:
+        yield where
+    finally:
+        if not already:
+            shutdown()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for training workers: WORKER_ENV plus this process's VGGDIST_* variables."""
+    return {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("VGGDIST_")}}
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
