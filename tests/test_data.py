@@ -192,7 +192,7 @@ def test_counts_and_steps():
 
 
 def test_decoder_choice_reaches_the_crops_and_a_missing_extension_is_said(uneven, monkeypatch, caplog):
-    from vggdist import transforms as T
+    from vggdist import jpeg
 
     runs = {
         name: torch.cat([im for im, _ in run_train(uneven[0], rank=0, steps=3, cfg=replace(CFG, decoder=name))])
@@ -200,7 +200,7 @@ def test_decoder_choice_reaches_the_crops_and_a_missing_extension_is_said(uneven
     }
     for name in ("window", "simplejpeg", "pil"):  # same draws, same pixels up to the documented rounding
         assert (runs[name].int() - runs["auto"].int()).abs().max() <= 2
-    monkeypatch.setattr(T, "_jpegcrop", None)
+    monkeypatch.setattr(jpeg, "_jpegcrop", None)
     with caplog.at_level("WARNING", logger="vggdist.data"):
         run_train(uneven[0], rank=0, steps=1)
     assert "window JPEG decoder) is not built" in caplog.text and "pip install --no-deps -e ." in caplog.text

@@ -1,4 +1,4 @@
-"""§3.2 / §4 evaluation protocols: geometry, posteriors against brute force, counts, batching."""
+"""§3.2 / §4 evaluation protocols: geometry, posteriors against brute force, per-image hits, batching, fusion."""
 
 import pytest
 import torch
@@ -7,22 +7,21 @@ from torch import nn
 
 from vggdist.dense import to_dense
 from vggdist.evaluate import (
-    add_counts,
+    EvalNet,
     center_crop,
     combine,
     dense_posteriors,
-    error_rates,
-    evaluate_batch,
+    evaluate_images,
     fuse,
     multicrop_boxes,
     multicrop_posteriors,
     multiscale,
     rescale,
-    scales_key,
     single_posteriors,
-    topk_counts,
+    topk_hits,
 )
 from vggdist.models import build_vgg
+from vggdist.outcomes import Counts, EvalKey, Outcomes
 from vggdist.paper import SCALES
 
 CROP = 32
@@ -113,8 +112,9 @@ def test_crop_count_is_50_per_scale_and_150_over_three(model):
         multicrop_posteriors(model, images, 36, CROP, batch_size=17)
         assert sum(rows) == 2 * 50
         rows.clear()
-        evaluate_batch(
-            model, images, torch.tensor([0, 1]), protocols=["multicrop"], scales=(32, 40, 48), crop=CROP
+        net = EvalNet.of(model, CROP)
+        evaluate_images(
+            [net], images, torch.tensor([0, 1]), ["a", "b"], protocols=["multicrop"], scales=(32, 40, 48)
         )
         assert sum(rows) == 2 * 150
     finally:
@@ -203,69 +203,94 @@ def test_averages_and_shape_checks():
         multiscale([])
 
 
-def test_topk_counts_against_brute_force():
+def test_topk_hits_against_brute_force():
     g = torch.Generator().manual_seed(0)
     posteriors = torch.rand(200, 10, generator=g)
     labels = torch.randint(0, 10, (200,), generator=g)
-    expected = {"n": 200, "top1": 0, "top5": 0}
-    for p, y in zip(posteriors.tolist(), labels.tolist(), strict=True):
-        rank = sorted(p, reverse=True).index(p[y])
-        expected["top1"] += rank < 1
-        expected["top5"] += rank < 5
-    counts = topk_counts(posteriors, labels)
-    assert counts == expected and all(type(v) is int for v in counts.values())
-    assert 0 < counts["top1"] < counts["top5"] < 200
-    assert topk_counts(posteriors[:, :3], labels.clamp(max=2)) == {
-        "n": 200,
-        "top1": topk_counts(posteriors[:, :3], labels.clamp(max=2), ks=(1,))["top1"],
-        "top5": 200,  # k clamped to 3 classes
-    }
-    assert error_rates({"n": 8, "top1": 6, "top5": 8}) == {"top1_err": 25.0, "top5_err": 0.0}
+    ranks = [
+        sorted(p, reverse=True).index(p[y]) for p, y in zip(posteriors.tolist(), labels.tolist(), strict=True)
+    ]
+    hits = topk_hits(posteriors, labels)
+    assert hits[1].dtype == bool and hits[1].tolist() == [r < 1 for r in ranks]
+    assert hits[5].tolist() == [r < 5 for r in ranks]
+    assert 0 < hits[1].sum() < hits[5].sum() < 200
+    clamped = topk_hits(posteriors[:, :3], labels.clamp(max=2))
+    assert clamped[5].all()  # k clamped to 3 classes
+    assert Counts(8, 6, 8).top1_err == 25.0 and Counts(8, 6, 8).top5_err == 0.0
     with pytest.raises(ValueError, match="no images"):
-        error_rates({"n": 0, "top1": 0})
+        _ = Counts(0, 0, 0).top1_err
 
 
-def test_evaluate_batch_keys_counts_and_single_computation(model):
+def _keys(n, start=0):
+    return [f"k{i:03d}" for i in range(start, start + n)]
+
+
+def test_evaluate_images_settings_hits_and_single_computation(model):
     images = _images(*SIZES[:4])
     labels = torch.tensor([4, 5, 5, 1])  # some right, some wrong
     scales = (32, 40, 48)
-    dense = to_dense(model)
+    net = EvalNet.of(model, CROP)
     fc_rows, dense_rows = [], []
     h1 = model.register_forward_pre_hook(lambda m, args: fc_rows.append(args[0].shape[0]))
-    h2 = dense.register_forward_pre_hook(lambda m, args: dense_rows.append(args[0].shape[0]))
+    h2 = net.dense.register_forward_pre_hook(lambda m, args: dense_rows.append(args[0].shape[0]))
     try:
-        results = evaluate_batch(model, images, labels, scales=scales, crop=CROP, dense_model=dense)
+        out = evaluate_images([net], images, labels, _keys(4), scales=scales)
     finally:
         h1.remove()
         h2.remove()
     n = len(images)
     assert sum(fc_rows) == len(scales) * (n + 50 * n)  # single + multi-crop, each once per scale
     assert sum(dense_rows) == len(scales) * 2 * n  # image + flip, once per scale, shared with combined
-    assert scales_key(scales) == "Q32-40-48"
-    expected_keys = {
-        f"{p}/Q{q}" for p in ("single", "dense", "multicrop", "combined") for q in (*scales, "32-40-48")
-    }
-    assert set(results) == expected_keys
+    protocols = ("single", "dense", "multicrop", "combined")
+    expected = [EvalKey(p, qs) for p in protocols for qs in [(32,), (40,), (48,), scales]]
+    assert list(out.top1) == list(out.top5) == expected and out.keys == _keys(4)
 
     post = {
         "single": [torch.stack([_brute_single(model, im, q) for im in images]) for q in scales],
-        "dense": [torch.stack([_brute_dense(dense, im, q) for im in images]) for q in scales],
+        "dense": [torch.stack([_brute_dense(net.dense, im, q) for im in images]) for q in scales],
         "multicrop": [torch.stack([_brute_multicrop(model, im, q) for im in images]) for q in scales],
     }
     post["combined"] = [(d + m) / 2 for d, m in zip(post["dense"], post["multicrop"], strict=True)]
     for protocol, per_scale in post.items():
         for q, p in zip(scales, per_scale, strict=True):
-            assert results[f"{protocol}/Q{q}"] == topk_counts(p, labels)
-            assert results[f"{protocol}/Q{q}"]["n"] == n
-        assert results[f"{protocol}/Q32-40-48"] == topk_counts(sum(per_scale) / 3, labels)
+            want = topk_hits(p, labels)
+            assert out.top1[EvalKey(protocol, (q,))].tolist() == want[1].tolist()
+            assert out.top5[EvalKey(protocol, (q,))].tolist() == want[5].tolist()
+        want = topk_hits(sum(per_scale) / 3, labels)
+        assert out.top1[EvalKey(protocol, scales)].tolist() == want[1].tolist()
+    counts = out.counts()
+    assert all(c.n == n for c in counts.values())
+    assert any(0 < c.top1 < n for c in counts.values())  # not trivially 0 or n
 
-    assert any(0 < c["top1"] < n for c in results.values())  # the counts are not trivially 0 or n
-    one = evaluate_batch(model, images[:2], labels[:2], protocols=("dense",), scales=(40,), crop=CROP)
-    assert set(one) == {"dense/Q40"}  # a single scale has no multi-scale key
-    total = add_counts(one, evaluate_batch(model, images[2:], labels[2:], protocols=("dense",), scales=(40,)))
-    assert total == {"dense/Q40": results["dense/Q40"]}  # batch sums are exact
+    one = evaluate_images([net], images[:2], labels[:2], _keys(2), protocols=("dense",), scales=(40,))
+    assert list(one.top1) == [EvalKey("dense", (40,))]  # a single scale has no multi-scale setting
+    rest = evaluate_images([net], images[2:], labels[2:], _keys(2, 2), protocols=("dense",), scales=(40,))
+    both = Outcomes.concat([one, rest])  # batches concatenate exactly
+    assert both.keys == _keys(4) and both.counts() == {
+        EvalKey("dense", (40,)): counts[EvalKey("dense", (40,))]
+    }
     with pytest.raises(ValueError, match="single, dense, multicrop, combined"):
-        evaluate_batch(model, images, labels, protocols=("tencrop",), scales=(40,), crop=CROP)
+        evaluate_images([net], images, labels, _keys(4), protocols=("tencrop",), scales=(40,))
+
+
+def test_fusion_averages_the_networks_posteriors(model):
+    images = _images(*SIZES[:3], seed=5)
+    labels = torch.tensor([0, 3, 6])
+    torch.manual_seed(1)
+    other = build_vgg("A", K, **SCALES["mini"]).double().eval()
+    nets = [EvalNet.of(model, CROP), EvalNet.of(other, CROP, normalize=lambda im: im * 2)]
+    out = evaluate_images(nets, images, labels, _keys(3), protocols=("dense",), scales=(36, 44))
+    fused = [
+        fuse(
+            [
+                dense_posteriors(nets[0].dense, images, q),
+                dense_posteriors(nets[1].dense, [im * 2 for im in images], q),
+            ]
+        )
+        for q in (36, 44)
+    ]
+    assert out.top5[EvalKey("dense", (44,))].tolist() == topk_hits(fused[1], labels)[5].tolist()
+    assert out.top1[EvalKey("dense", (36, 44))].tolist() == topk_hits(multiscale(fused), labels)[1].tolist()
 
 
 def test_bad_images_are_refused(model):
@@ -308,19 +333,19 @@ def test_protocols_run_on_a_resnet(resnet):
     images = _images(*SIZES[:4])
     labels = torch.tensor([4, 5, 5, 1])
     scales = (32, 40)
-    results = evaluate_batch(resnet, images, labels, scales=scales, crop=CROP)  # to_dense(resnet) inside
-    assert set(results) == {
-        f"{p}/Q{q}" for p in ("single", "dense", "multicrop", "combined") for q in (*scales, "32-40")
-    }
-    assert all(c["n"] == 4 for c in results.values())
+    out = evaluate_images([EvalNet.of(resnet, CROP)], images, labels, _keys(4), scales=scales)
+    protocols = ("single", "dense", "multicrop", "combined")
+    assert set(out.top1) == {EvalKey(p, qs) for p in protocols for qs in [(32,), (40,), scales]}
+    assert all(c.n == 4 for c in out.counts().values())
     dense = [torch.stack([_brute_resnet_dense(resnet, im, q) for im in images]) for q in scales]
     for q, p in zip(scales, dense, strict=True):
-        assert results[f"dense/Q{q}"] == topk_counts(p, labels)
+        assert out.top1[EvalKey("dense", (q,))].tolist() == topk_hits(p, labels)[1].tolist()
+        assert out.top5[EvalKey("dense", (q,))].tolist() == topk_hits(p, labels)[5].tolist()
         _close(dense_posteriors(to_dense(resnet), images, q), p)  # whole images of several sizes
     single = torch.stack([_brute_single(resnet, im, 40) for im in images])
-    assert results["single/Q40"] == topk_counts(single, labels)
+    assert out.top1[EvalKey("single", (40,))].tolist() == topk_hits(single, labels)[1].tolist()
     multi = torch.stack([_brute_multicrop(resnet, im, 40) for im in images])
-    assert results["multicrop/Q40"] == topk_counts(multi, labels)
+    assert out.top1[EvalKey("multicrop", (40,))].tolist() == topk_hits(multi, labels)[1].tolist()
     assert len(set(single.argmax(1).tolist())) > 1  # not vacuous
 
 

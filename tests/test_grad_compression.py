@@ -28,11 +28,11 @@ EASY_CLASSES = (1, 2, 7, 8)  # trouser, pullover, sneaker, bag
 
 def _worker(rank: int, world: int, port: int, data_dir: str, kind: str, out: str) -> None:
     from vggdist import data
+    from vggdist.augment import DeviceAugment
     from vggdist.comm import ddp_kwargs, register_comm_hook
     from vggdist.config import preset
     from vggdist.shardformat import read_manifest, read_stats
     from vggdist.train import TrainLoop, apply_init, batch_plan, build_model
-    from vggdist.transforms import DeviceAugment
 
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -1,6 +1,6 @@
 """vggdist._jpegcrop (C): damaged input never crashes the process, and repeated calls do not leak.
 
-Its pixel exactness against a full decode, the declines and the thread test are in test_transforms.py; the
+Its pixel exactness against a full decode, the declines and the thread test are in test_jpeg.py; the
 preprocessing paths that use it in test_preprocess_images.py.
 """
 
@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-from vggdist import transforms as T
+from vggdist import jpeg
 
-pytestmark = pytest.mark.skipif(T._jpegcrop is None, reason="vggdist._jpegcrop was not built")
+pytestmark = pytest.mark.skipif(jpeg._jpegcrop is None, reason="vggdist._jpegcrop was not built")
 
 # runs in a child process: a crash (segfault, abort) shows up as a return code instead of killing pytest
 FUZZ = textwrap.dedent(
@@ -87,10 +87,10 @@ def test_repeated_decodes_and_errors_do_not_leak():
 
     def cycle(n):
         for _ in range(n):
-            T._jpegcrop.crop(data, 1, 10, 10, 200, 200)  # new bytes each time (~150 kB)
-            T._jpegcrop.header(data)
+            jpeg._jpegcrop.crop(data, 1, 10, 10, 200, 200)  # new bytes each time (~150 kB)
+            jpeg._jpegcrop.header(data)
             with pytest.raises(ValueError):
-                T._jpegcrop.crop(truncated, 1, 0, 0, -1, -1)  # the error path frees what it allocated
+                jpeg._jpegcrop.crop(truncated, 1, 0, 0, -1, -1)  # the error path frees what it allocated
 
     cycle(500)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

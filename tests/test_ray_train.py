@@ -13,7 +13,8 @@ import pytest
 from tests.tiny_data import make_shards
 from vggdist import tracking
 from vggdist.config import preset
-from vggdist.ray_train import evaluate, train
+from vggdist.ray_eval import evaluate
+from vggdist.ray_train import train
 
 pytestmark = pytest.mark.slow
 

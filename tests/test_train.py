@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vggdist import checkpoint as ckpt
+from vggdist.augment import DeviceAugment
 from vggdist.config import OptimConfig, ScheduleConfig, preset
 from vggdist.schedule import LrSchedule
 from vggdist.train import (
@@ -17,7 +18,6 @@ from vggdist.train import (
     build_model,
     sync_batch_norm,
 )
-from vggdist.transforms import DeviceAugment
 
 CLASSES = 4
 

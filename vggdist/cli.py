@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vggdist.ray_train import evaluate
+    from vggdist.ray_eval import evaluate
 
     if not args.run and not args.checkpoint:
         raise UsageError(

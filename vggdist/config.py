@@ -117,7 +117,7 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples in the in-memory shuffle buffer of each loader worker
     val_scale: int | None = None  # Q for per-epoch validation; None -> S, or 384 (scaled) when jittering
     # training-crop JPEG decoder: "auto" = the window decoder (C extension) → simplejpeg → PIL, the first that
-    # applies; or one of them by name (same pixels within 2 grey levels; see vggdist/transforms.py)
+    # applies; or one of them by name (same pixels within 2 grey levels; see vggdist/jpeg.py)
     decoder: str = "auto"
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vggdist import transforms as T
+from vggdist import jpeg
 from vggdist.config import DataConfig
 from vggdist.shardformat import DataError, read_manifest, shard_files
 from vggdist.shardio import tar_samples
@@ -159,13 +159,13 @@ class _TrainStream(IterableDataset):
         for _ in range(my_steps):
             images, labels = [], []
             for sample in samples:
-                images.append(_decode(sample, lambda b: T.train_crop_jpeg(b, scale, crop, crop_rng, decoder)))
+                images.append(_decode(sample, lambda b: jpeg.train_crop_jpeg(b, scale, crop, crop_rng, decoder)))
                 labels.append(int(sample["cls"]))
                 if record is not None:
                     record.write(sample["__key__"] + "\n")
                 if len(images) == self.batch_size:
                     break
-            yield T.collate_images(images), torch.tensor(labels, dtype=torch.int64)
+            yield jpeg.collate_images(images), torch.tensor(labels, dtype=torch.int64)
         if record is not None:
             record.close()
 
@@ -215,7 +215,7 @@ def train_loader(
     exactly `steps` steps whatever the shard sizes, and ranks draw from independent streams (no collisions
     beyond chance). Steps are split over the `num_workers` loader workers (default cfg.loader_workers) so
     they add up exactly. Images are channels_last uint8; convert them on the device with
-    `vggdist.transforms.DeviceAugment`.
+    `vggdist.augment.DeviceAugment`.
     """
     _check_rank(rank, world_size)
     if batch_size < 1 or steps < 0:
@@ -223,7 +223,7 @@ def train_loader(
     urls = shard_files(data_dir, "train")[0]
     workers = cfg.loader_workers if num_workers is None else num_workers
     ds = _TrainStream(urls, cfg, batch_size, steps, rank, world_size, seed, epoch)
-    decoder = T.available_decoder() if cfg.decoder == "auto" else cfg.decoder
+    decoder = jpeg.available_decoder() if cfg.decoder == "auto" else cfg.decoder
     if decoder != "window" and cfg.decoder in ("auto", "window") and rank == 0 and epoch == 0:
         logger.warning(
             "vggdist._jpegcrop (the window JPEG decoder) is not built, training crops decode ~1.6x slower with "
@@ -263,11 +263,11 @@ class _EvalStream(IterableDataset):
 
     def _image(self, data: bytes) -> torch.Tensor:
         if self.crop is not None:
-            return T.center_crop_jpeg(data, self.q, self.crop)  # (3, crop, crop)
-        return T.decode_rescaled(data, self.q)  # (3, H, W), smallest side Q (or as stored)
+            return jpeg.center_crop_jpeg(data, self.q, self.crop)  # (3, crop, crop)
+        return jpeg.decode_rescaled(data, self.q)  # (3, H, W), smallest side Q (or as stored)
 
     def _batch(self, images, labels, keys):
-        imgs = T.collate_images(images) if self.crop is not None else images
+        imgs = jpeg.collate_images(images) if self.crop is not None else images
         return imgs, torch.tensor(labels, dtype=torch.int64), keys
 
     def __iter__(self):

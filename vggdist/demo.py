@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import shutil
 import struct
 import sys
 import time
@@ -149,7 +148,7 @@ def run_demo(
             return 1
 
     _say("[3/4] vggdist sweep --plan mini (A; B and D from A; D with scale jittering; evaluation; fusion)")
-    from vggdist.ray_train import ensure_ray
+    from vggdist.ray_setup import ensure_ray
     from vggdist.sweep import run_sweep
 
     ensure_ray(num_cpus=2)
@@ -207,7 +206,3 @@ def _check_learning(report: dict) -> bool:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stdout, flush=True)
-
-
-def clean(workdir: str) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)

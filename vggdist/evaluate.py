@@ -10,40 +10,43 @@ so its smallest side is Q, then scored by one of the protocols (each returns sof
 - ``combined``: the average of dense and multi-crop posteriors (Table 5, "dense + multi-crop").
 
 Several scales are combined by averaging their posteriors (Table 4), several networks likewise (Table 6).
-Top-1/top-5 are returned as integer counts so that sums over batches and workers are exact.
+`evaluate_images` runs all of it for a batch, the one path production (`vggdist.eval_run`) and tests share;
+it returns each image's top-1 / top-5 hit per (protocol, scales) (`vggdist.outcomes`), which concatenate
+exactly over batches and workers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from vggdist.dense import to_dense
-from vggdist.runmeta import PROTOCOLS
+from vggdist.outcomes import EvalKey, Outcomes, eval_keys
+from vggdist.runmeta import COMBINED, DENSE, MULTICROP, PROTOCOLS, SINGLE
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PROTOCOLS",
-    "add_counts",
+    "EvalNet",
     "center_crop",
     "combine",
     "dense_posteriors",
-    "error_rates",
-    "evaluate_batch",
+    "evaluate_images",
     "fuse",
     "multicrop_boxes",
     "multicrop_posteriors",
     "multiscale",
+    "protocol_posteriors",
     "rescale",
-    "scales_key",
     "single_posteriors",
-    "topk_counts",
+    "topk_hits",
 ]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,11 +277,13 @@ def fuse(posteriors_per_model: Sequence[torch.Tensor]) -> torch.Tensor:
 # Counting
 
 
-def topk_counts(posteriors: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, int]:
-    """{"n": N, "top1": hits, "top5": hits} as Python ints: the label is among the k highest posteriors.
+def topk_hits(
+    posteriors: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[int, np.ndarray]:
+    """{k: bool (N,)}: whether each image's label is among its k highest posteriors.
 
-    k is clamped to the number of classes (top-5 of a 3-class problem is top-3). Counts add up exactly
-    across batches and workers; turn them into percentages with `error_rates`.
+    k is clamped to the number of classes (top-5 of a 3-class problem is top-3). Per-image hits concatenate
+    exactly across batches and workers (`vggdist.outcomes.Outcomes`).
     """
     if posteriors.ndim != 2 or labels.shape != posteriors.shape[:1]:
         raise ValueError(
@@ -287,87 +292,95 @@ def topk_counts(posteriors: torch.Tensor, labels: torch.Tensor, ks: Sequence[int
     num_classes = posteriors.shape[1]
     top = posteriors.topk(min(max(ks), num_classes), dim=1).indices  # (N, k_max), best first
     hits = top == labels.to(top.device, torch.long)[:, None]
-    counts = {"n": int(posteriors.shape[0])}
-    for k in ks:
-        counts[f"top{k}"] = int(hits[:, : min(k, num_classes)].any(dim=1).sum())
-    return counts
+    return {k: hits[:, : min(k, num_classes)].any(dim=1).cpu().numpy() for k in ks}
 
 
-def error_rates(counts: dict[str, int]) -> dict[str, float]:
-    """Top-k error in percent from `topk_counts` output: {"top1_err": ..., "top5_err": ...}."""
-    n = counts["n"]
-    if n <= 0:
-        raise ValueError("no images were counted; cannot compute error rates")
-    return {f"{key}_err": 100.0 * (n - hits) / n for key, hits in counts.items() if key.startswith("top")}
+# ---------------------------------------------------------------------------------------------------------
+# The evaluation of a batch of images: every protocol at every scale, one network or a fusion of several
 
 
-def add_counts(
-    total: dict[str, dict[str, int]], batch: dict[str, dict[str, int]]
-) -> dict[str, dict[str, int]]:
-    """Sum two `evaluate_batch` results key by key (a new dict; either may lack keys the other has)."""
-    out = {key: dict(value) for key, value in total.items()}
-    for key, counts in batch.items():
-        into = out.setdefault(key, {})
-        for name, value in counts.items():
-            into[name] = into.get(name, 0) + value
-    return out
+@dataclass(frozen=True)
+class EvalNet:
+    """A network ready for the test protocols: its FC form (single, multi-crop), its dense form (`to_dense`), the
+    crop it was trained at, and `normalize`, which turns one stored image into its input (uint8 (3, H, W) →
+    normalised float; None when the images are normalised already)."""
+
+    model: nn.Module
+    dense: nn.Module
+    crop: int
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, crop: int, normalize: Callable | None = None) -> EvalNet:
+        """`model` and its dense form, converted once."""
+        return cls(model, to_dense(model), crop, normalize)
 
 
-def scales_key(scales: Sequence[int]) -> str:
-    """``"Q256"`` for one scale, ``"Q256-384-512"`` for several (DESIGN.md §5 metric names)."""
-    return "Q" + "-".join(str(int(q)) for q in scales)
-
-
-def evaluate_batch(
-    model: nn.Module,
+def protocol_posteriors(
+    net: EvalNet,
     images: Sequence[torch.Tensor],
-    labels: torch.Tensor,
+    protocols: Sequence[str],
+    scales: Sequence[int],
     *,
-    protocols: Sequence[str] = PROTOCOLS,
-    scales: Sequence[int] = (256, 384, 512),
-    crop: int = 224,
-    dense_model: nn.Module | None = None,
     grid: int = 5,
     batch_size: int = 64,
-) -> dict[str, dict[str, int]]:
-    """Top-1/top-5 counts of every protocol at every test scale and over all scales, for one batch.
-
-    Keys are ``"<protocol>/<scales>"`` with scales as in `scales_key`: ``"dense/Q256"``, ``"dense/Q384"``,
-    …, and, when there are several scales, the multi-scale average ``"dense/Q256-384-512"``; values are
-    `topk_counts` dicts ``{"n", "top1", "top5"}``. The metric ``eval/<key>/top1_err`` of DESIGN.md §5 is
-    ``error_rates`` of the summed counts. Each posterior is computed once: ``combined`` reuses the dense
-    and multi-crop ones. ``dense_model`` defaults to ``to_dense(model)`` (pass it to convert only once).
-    """
+) -> dict[str, list[torch.Tensor]]:
+    """{protocol: [posteriors (N, K) at each Q in `scales`]} of one network. Each posterior is computed once:
+    ``combined`` reuses the dense and multi-crop ones."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise ValueError(
             f"unknown protocols {unknown or list(protocols)}; choose from {', '.join(PROTOCOLS)}"
         )
-    if not scales:
-        raise ValueError("evaluate_batch needs at least one test scale Q")
-    need_dense = "dense" in protocols or "combined" in protocols
-    need_multicrop = "multicrop" in protocols or "combined" in protocols
-    if need_dense and dense_model is None:
-        dense_model = to_dense(model)
-
-    by_protocol: dict[str, list[torch.Tensor]] = {p: [] for p in protocols}
+    x = [net.normalize(image) for image in images] if net.normalize is not None else list(images)
+    need_dense = DENSE in protocols or COMBINED in protocols
+    need_multicrop = MULTICROP in protocols or COMBINED in protocols
+    out: dict[str, list[torch.Tensor]] = {p: [] for p in protocols}
     for q in scales:
-        computed: dict[str, torch.Tensor] = {}
-        if "single" in protocols:
-            computed["single"] = single_posteriors(model, images, q, crop, batch_size=batch_size)
+        got: dict[str, torch.Tensor] = {}
+        if SINGLE in protocols:
+            got[SINGLE] = single_posteriors(net.model, x, q, net.crop, batch_size=batch_size)
         if need_dense:
-            computed["dense"] = dense_posteriors(dense_model, images, q, batch_size=batch_size)
+            got[DENSE] = dense_posteriors(net.dense, x, q, batch_size=batch_size)
         if need_multicrop:
-            computed["multicrop"] = multicrop_posteriors(model, images, q, crop, grid, batch_size=batch_size)
-        if "combined" in protocols:
-            computed["combined"] = combine(computed["dense"], computed["multicrop"])
+            got[MULTICROP] = multicrop_posteriors(net.model, x, q, net.crop, grid, batch_size=batch_size)
+        if COMBINED in protocols:
+            got[COMBINED] = combine(got[DENSE], got[MULTICROP])
         for p in protocols:
-            by_protocol[p].append(computed[p])
+            out[p].append(got[p])
+    return out
 
-    results: dict[str, dict[str, int]] = {}
+
+def evaluate_images(
+    nets: Sequence[EvalNet],
+    images: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    sample_keys: Sequence[str],
+    *,
+    protocols: Sequence[str] = PROTOCOLS,
+    scales: Sequence[int],
+    grid: int = 5,
+    batch_size: int = 64,
+) -> Outcomes:
+    """Score a batch of images under every protocol at every test scale and over all scales (`eval_keys`).
+
+    With several `nets` their posteriors are averaged first (ConvNet fusion, Table 6). Returns each image's
+    top-1 / top-5 hit per setting, keyed by `sample_keys`; `Outcomes.counts()` gives the error rates.
+    """
+    if not nets:
+        raise ValueError("evaluate_images needs at least one network")
+    if not len(images) == len(labels) == len(sample_keys):
+        raise ValueError(f"got {len(images)} images, {len(labels)} labels and {len(sample_keys)} keys")
+    eval_keys(protocols, scales)  # checks both
+    qs = tuple(int(q) for q in scales)
+    per_net = [protocol_posteriors(n, images, protocols, qs, grid=grid, batch_size=batch_size) for n in nets]
+    top1, top5 = {}, {}
     for p in protocols:
-        for q, posteriors in zip(scales, by_protocol[p], strict=True):
-            results[f"{p}/{scales_key([q])}"] = topk_counts(posteriors, labels)
-        if len(scales) > 1:
-            results[f"{p}/{scales_key(scales)}"] = topk_counts(multiscale(by_protocol[p]), labels)
-    return results
+        fused = [fuse([post[p][i] for post in per_net]) for i in range(len(qs))]  # one (N, K) per Q
+        posteriors = {EvalKey(p, (q,)): f for q, f in zip(qs, fused, strict=True)}
+        if len(qs) > 1:
+            posteriors[EvalKey(p, qs)] = multiscale(fused)  # Table 4: the average over the scales
+        for key, post in posteriors.items():
+            hits = topk_hits(post, labels)
+            top1[key], top5[key] = hits[1], hits[5]
+    return Outcomes(list(sample_keys), top1, top5)

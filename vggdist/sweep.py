@@ -32,7 +32,8 @@ def _run_stage(
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from vggdist.ray_train import evaluate, train
+    from vggdist.ray_eval import evaluate
+    from vggdist.ray_train import train
 
     if init_from:
         cfg = replace(cfg, run=replace(cfg.run, init_from=init_from))
@@ -127,7 +128,9 @@ def run_sweep(
     progress=None,
 ) -> dict[str, Any]:
     """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results."""
-    from vggdist.ray_train import ensure_ray, evaluate_fusion, storage_path
+    from vggdist.ray_eval import evaluate_fusion
+    from vggdist.ray_setup import ensure_ray
+    from vggdist.ray_train import storage_path
     from vggdist.shardformat import data_dirs
 
     p = builtin_plan(plan)

@@ -1,5 +1,5 @@
-"""vggdist.transforms: crop-before-resize equals rescale-then-crop, jitter/flip statistics, DCT draft decoding,
-and the device-side colour shift / normalisation against numpy."""
+"""vggdist.jpeg: crop-before-resize equals rescale-then-crop, DCT draft decoding, the three decoder routes give the
+same crop from the same draws, flips, centre crops and whole test images, and the channels_last batch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vggdist import transforms as T
-from vggdist.config import DataConfig
+from vggdist import augment, jpeg
+from vggdist.config import JPEG_DECODERS
 
 
 def smooth_jpeg(w: int, h: int, quality: int = 95, seed: int = 0) -> bytes:
@@ -35,7 +35,7 @@ def smooth_jpeg(w: int, h: int, quality: int = 95, seed: int = 0) -> bytes:
 def naive_crop(data: bytes, s: int, left: int, top: int, crop: int) -> np.ndarray:
     """The reference: full decode, full isotropic rescale to S, then crop (torchvision's Resize + crop)."""
     im = Image.open(io.BytesIO(data)).convert("RGB")
-    im = im.resize(T.scaled_size(im.width, im.height, s), Image.Resampling.BILINEAR)
+    im = im.resize(augment.scaled_size(im.width, im.height, s), Image.Resampling.BILINEAR)
     return np.asarray(im.crop((left, top, left + crop, top + crop))).transpose(2, 0, 1).astype(np.int16)
 
 
@@ -44,20 +44,14 @@ def as_i16(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.int16)
 
 
-def test_scaled_size_matches_torchvision_resize_rule():
-    assert T.scaled_size(500, 375, 256) == (341, 256)
-    assert T.scaled_size(375, 500, 256) == (256, 341)
-    assert T.scaled_size(300, 300, 224) == (224, 224)
-
-
 @pytest.mark.parametrize("size, s", [((400, 300), 256), ((300, 420), 384), ((500, 375), 512)])
 def test_crop_before_resize_equals_rescale_then_crop(size, s):
     data = smooth_jpeg(*size)
     rng = np.random.default_rng(1)
-    sw, sh = T.scaled_size(*size, s)
+    sw, sh = augment.scaled_size(*size, s)
     for _ in range(4):
         left, top = int(rng.integers(0, sw - 224 + 1)), int(rng.integers(0, sh - 224 + 1))
-        ours = T.rescaled_crop(data, s, left, top, 224)
+        ours = jpeg.rescaled_crop(data, s, left, top, 224)
         assert ours.shape == (3, 224, 224)
         diff = np.abs(as_i16(ours) - naive_crop(data, s, left, top, 224))
         assert diff.max() <= 1, (left, top, diff.max())  # same filter, same taps: only rounding differs
@@ -65,20 +59,20 @@ def test_crop_before_resize_equals_rescale_then_crop(size, s):
 
 def test_draft_decoding_is_used_for_big_images_and_stays_close():
     big = smooth_jpeg(2048, 1536)
-    im, factor = T.decode_for_size(big, T.scaled_size(2048, 1536, 256))  # S-space is 341x256
+    im, factor = jpeg.decode_for_size(big, augment.scaled_size(2048, 1536, 256))  # S-space is 341x256
     assert im.size == (512, 384) and factor == 0.25  # 1/4 keeps ≥ 256; 1/8 (192) would not
-    im, factor = T.decode_for_size(smooth_jpeg(500, 375), T.scaled_size(500, 375, 256))
+    im, factor = jpeg.decode_for_size(smooth_jpeg(500, 375), augment.scaled_size(500, 375, 256))
     assert im.size == (500, 375) and factor == 1.0  # less than 2x larger: full decode
 
-    ours = T.rescaled_crop(big, 256, 50, 20, 224)
+    ours = jpeg.rescaled_crop(big, 256, 50, 20, 224)
     diff = np.abs(as_i16(ours) - naive_crop(big, 256, 50, 20, 224))
     assert diff.mean() < 1.0 and diff.max() <= 6  # DCT-domain 1/4 scaling vs a bilinear downscale
 
 
 def test_flip_mirrors_the_same_window():
     data = smooth_jpeg(400, 300)
-    plain = T.rescaled_crop(data, 300, 17, 40, 224)
-    flipped = T.rescaled_crop(data, 300, 17, 40, 224, flip=True)
+    plain = jpeg.rescaled_crop(data, 300, 17, 40, 224)
+    flipped = jpeg.rescaled_crop(data, 300, 17, 40, 224, flip=True)
     assert torch.equal(flipped, plain.flip(-1))
     assert not torch.equal(flipped, plain)
 
@@ -86,36 +80,24 @@ def test_flip_mirrors_the_same_window():
 def test_train_crop_is_sample_crop_then_rescaled_crop():
     data = smooth_jpeg(375, 500)
     for seed in range(5):
-        s, left, top, flip = T.sample_crop(375, 500, (256, 512), 224, np.random.default_rng(seed))
-        expected = T.rescaled_crop(data, s, left, top, 224, flip)
-        got = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
+        s, left, top, flip = augment.sample_crop(375, 500, (256, 512), 224, np.random.default_rng(seed))
+        expected = jpeg.rescaled_crop(data, s, left, top, 224, flip)
+        got = jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed))
         # simplejpeg decodes the same pixels (bit-exact here; 1 grey level of slack for other builds)
         assert np.abs(as_i16(got) - as_i16(expected)).max() <= 1
-        pil = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="pil")
+        pil = jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="pil")
         assert torch.equal(pil, expected)
-
-
-def test_jittered_scale_covers_the_range_and_offsets_fit():
-    rng = np.random.default_rng(0)
-    draws = [T.sample_crop(500, 375, (256, 512), 224, rng) for _ in range(3000)]
-    scales = np.array([d[0] for d in draws])
-    assert scales.min() == 256 and scales.max() == 512  # both ends inclusive
-    assert abs(scales.mean() - 384) < 5
-    for s, left, top, _ in draws:
-        sw, sh = T.scaled_size(500, 375, s)
-        assert 0 <= left <= sw - 224 and 0 <= top <= sh - 224
-    assert {T.sample_crop(500, 375, 256, 224, rng)[0] for _ in range(20)} == {256}
 
 
 def test_flip_happens_about_half_the_time():
     # The crop covers the whole S-space image, so the only randomness left is the flip.
     data = smooth_jpeg(256, 256)
-    reference = T.rescaled_crop(data, 256, 0, 0, 256)
+    reference = jpeg.rescaled_crop(data, 256, 0, 0, 256)
     rng = np.random.default_rng(3)
     n = 300
     flips = 0
     for _ in range(n):
-        out = T.train_crop_jpeg(data, 256, 256, rng)
+        out = jpeg.train_crop_jpeg(data, 256, 256, rng)
         if torch.equal(out, reference.flip(-1)):
             flips += 1
         else:
@@ -125,19 +107,19 @@ def test_flip_happens_about_half_the_time():
 
 def test_center_crop_and_decode_rescaled():
     data = smooth_jpeg(500, 375)
-    c = T.center_crop_jpeg(data, 256, 224)
-    sw, sh = T.scaled_size(500, 375, 256)
+    c = jpeg.center_crop_jpeg(data, 256, 224)
+    sw, sh = augment.scaled_size(500, 375, 256)
     left, top = round((sw - 224) / 2), round((sh - 224) / 2)
     assert np.abs(as_i16(c) - naive_crop(data, 256, left, top, 224)).max() <= 1
 
-    full = T.decode_rescaled(data, 384)
+    full = jpeg.decode_rescaled(data, 384)
     assert full.shape == (3, 384, 512)
-    assert T.decode_rescaled(data).shape == (3, 375, 500)
+    assert jpeg.decode_rescaled(data).shape == (3, 375, 500)
     ref = Image.open(io.BytesIO(data)).convert("RGB").resize((512, 384), Image.Resampling.BILINEAR)
     assert np.abs(as_i16(full) - np.asarray(ref).transpose(2, 0, 1)).max() <= 1
 
     big = smooth_jpeg(1600, 1200)  # drafted at 1/4 = 400x300 for Q=256, then resized
-    small = T.decode_rescaled(big, 256)
+    small = jpeg.decode_rescaled(big, 256)
     assert small.shape == (3, 256, 341)
     ref = Image.open(io.BytesIO(big)).convert("RGB").resize((341, 256), Image.Resampling.BILINEAR)
     assert np.abs(as_i16(small) - np.asarray(ref).transpose(2, 0, 1).astype(np.int16)).mean() < 1.0
@@ -146,39 +128,39 @@ def test_center_crop_and_decode_rescaled():
 # ---------------------------------------------------------------------------------------------------------
 # simplejpeg decode path of the training crop
 
-needs_simplejpeg = pytest.mark.skipif(T.simplejpeg is None, reason="simplejpeg not installed")
+needs_simplejpeg = pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg not installed")
 
 
 @needs_simplejpeg
 def test_turbo_flip_mirrors_the_same_window():
     data = smooth_jpeg(400, 300)
-    plain = T.turbo_crop(data, 300, 17, 40, 224)
-    assert torch.equal(T.turbo_crop(data, 300, 17, 40, 224, flip=True), plain.flip(-1))
+    plain = jpeg.turbo_crop(data, 300, 17, 40, 224)
+    assert torch.equal(jpeg.turbo_crop(data, 300, 17, 40, 224, flip=True), plain.flip(-1))
 
 
 @needs_simplejpeg
 def test_turbo_decode_scale_is_pils_draft_choice_never_below_s_space(monkeypatch):
     decoded = []
-    real = T.simplejpeg.decode_jpeg
+    real = jpeg.simplejpeg.decode_jpeg
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         decoded.append(out.shape[:2])
         return out
 
-    monkeypatch.setattr(T.simplejpeg, "decode_jpeg", spy)
+    monkeypatch.setattr(jpeg.simplejpeg, "decode_jpeg", spy)
     rng = np.random.default_rng(0)
     for w, h in [(2048, 1536), (1536, 2048), (683, 512), (500, 375), (1100, 520)]:
         data = smooth_jpeg(w, h)
         for s in (224, 256, 300, 384, 512):
-            _, left, top, _ = T.sample_crop(w, h, s, 224, rng)
-            T.turbo_crop(data, s, left, top, 224)
+            _, left, top, _ = augment.sample_crop(w, h, s, 224, rng)
+            jpeg.turbo_crop(data, s, left, top, 224)
             dh, dw = decoded[-1]
-            sw, sh = T.scaled_size(w, h, s)
+            sw, sh = augment.scaled_size(w, h, s)
             # never below S-space, unless S-space is larger than the stored image (then: full size)
             assert (dw >= sw and dh >= sh) or (dw, dh) == (w, h), (w, h, s, decoded[-1])
             assert dw <= w and dh <= h
-            im, _ = T.decode_for_size(data, (sw, sh))
+            im, _ = jpeg.decode_for_size(data, (sw, sh))
             assert (dw, dh) == im.size  # the 1/2, 1/4, 1/8 that PIL's draft picks, no M/8 scales
 
 
@@ -186,14 +168,14 @@ def test_turbo_decode_scale_is_pils_draft_choice_never_below_s_space(monkeypatch
 def test_turbo_train_crop_jitter_range_and_same_draws_as_pil():
     data = smooth_jpeg(500, 375)
     for seed in range(6):
-        a = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="simplejpeg")
-        b = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="pil")
+        a = jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="simplejpeg")
+        b = jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder="pil")
         assert np.abs(as_i16(a) - as_i16(b)).max() <= 1
     rng = np.random.default_rng(1)
     mirrored = 0
-    reference = T.rescaled_crop(smooth_jpeg(256, 256), 256, 0, 0, 256)
+    reference = jpeg.rescaled_crop(smooth_jpeg(256, 256), 256, 0, 0, 256)
     for _ in range(200):
-        out = T.train_crop_jpeg(smooth_jpeg(256, 256), 256, 256, rng)
+        out = jpeg.train_crop_jpeg(smooth_jpeg(256, 256), 256, 256, rng)
         is_flip = np.abs(as_i16(out) - as_i16(reference.flip(-1))).max() <= 1
         assert is_flip or np.abs(as_i16(out) - as_i16(reference)).max() <= 1
         mirrored += is_flip
@@ -202,32 +184,32 @@ def test_turbo_train_crop_jitter_range_and_same_draws_as_pil():
 
 def test_train_crop_falls_back_to_pil(monkeypatch):
     data = smooth_jpeg(500, 375)
-    expected = T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4), decoder="pil")
-    monkeypatch.setattr(T, "simplejpeg", None)  # the package missing
-    monkeypatch.setattr(T, "_jpegcrop", None)  # the extension not built
-    assert T.turbo_crop(data, 256, 0, 0, 224) is None
-    assert T.window_crop(data, 256, 0, 0, 224) is None
-    assert T.available_decoder() == "pil"
-    assert torch.equal(T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4)), expected)
+    expected = jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4), decoder="pil")
+    monkeypatch.setattr(jpeg, "simplejpeg", None)  # the package missing
+    monkeypatch.setattr(jpeg, "_jpegcrop", None)  # the extension not built
+    assert jpeg.turbo_crop(data, 256, 0, 0, 224) is None
+    assert jpeg.window_crop(data, 256, 0, 0, 224) is None
+    assert jpeg.available_decoder() == "pil"
+    assert torch.equal(jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(4)), expected)
 
 
 @needs_simplejpeg
 def test_turbo_path_declines_cmyk_and_non_jpeg():
     buf = io.BytesIO()
     Image.new("CMYK", (300, 260), (10, 20, 30, 0)).save(buf, "JPEG")
-    assert T.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
-    assert T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0)).shape == (3, 224, 224)
+    assert jpeg.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    assert jpeg.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0)).shape == (3, 224, 224)
     buf = io.BytesIO()
     Image.new("RGB", (300, 260), (10, 20, 30)).save(buf, "PNG")
-    assert T.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
-    out = T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
+    assert jpeg.turbo_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    out = jpeg.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
     assert out.shape == (3, 224, 224) and out[:, 0, 0].tolist() == [10, 20, 30]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the window decoder (vggdist._jpegcrop, C against the system libjpeg-turbo)
 
-needs_window = pytest.mark.skipif(T._jpegcrop is None, reason="vggdist._jpegcrop was not built")
+needs_window = pytest.mark.skipif(jpeg._jpegcrop is None, reason="vggdist._jpegcrop was not built")
 
 
 def photo_jpeg(w: int, h: int, subsampling: int = 2, progressive: bool = False, seed: int = 0) -> bytes:
@@ -260,7 +242,7 @@ def test_window_decoder_pixels_equal_a_full_decode(size, subsampling, progressiv
             for x0, y0 in zip(rng.integers(0, fw - 1, 12), rng.integers(0, fh - 1, 12), strict=True)
         ]
         for x0, y0, x1, y1 in windows:
-            pixels, left, top, w, h, iw, ih = T._jpegcrop.crop(data, k, int(x0), int(y0), int(x1), int(y1))
+            pixels, left, top, w, h, iw, ih = jpeg._jpegcrop.crop(data, k, int(x0), int(y0), int(x1), int(y1))
             assert (iw, ih) == (fw, fh) and top == y0 and h == y1 - y0 and left <= x0 and left + w >= x1
             got = np.frombuffer(pixels, np.uint8).reshape(h, w, 4)[:, x0 - left : x1 - left, :3]
             np.testing.assert_array_equal(got, full[y0:y1, x0:x1], err_msg=f"k={k} window {x0, y0, x1, y1}")
@@ -272,16 +254,16 @@ def test_window_decoder_pixels_equal_a_full_decode(size, subsampling, progressiv
     [((400, 300), 256), ((375, 500), 512), ((500, 375), 384), ((683, 512), 300), ((2048, 1536), 256)],
 )
 def test_fast_decoders_match_the_pil_route_and_rescale_then_crop(decoder, size, s):
-    if (T._jpegcrop if decoder == "window" else T.simplejpeg) is None:
+    if (jpeg._jpegcrop if decoder == "window" else jpeg.simplejpeg) is None:
         pytest.skip(f"the {decoder} decoder is not available")
-    crop_fn = {"window": T.window_crop, "simplejpeg": T.turbo_crop}[decoder]
+    crop_fn = {"window": jpeg.window_crop, "simplejpeg": jpeg.turbo_crop}[decoder]
     data = photo_jpeg(*size)
     rng = np.random.default_rng(2)
     for _ in range(6):
-        _, left, top, flip = T.sample_crop(*size, s, 224, rng)
+        _, left, top, flip = augment.sample_crop(*size, s, 224, rng)
         ours = crop_fn(data, s, left, top, 224, flip)
         assert ours is not None and ours.shape == (3, 224, 224) and ours.dtype == torch.uint8
-        diff = np.abs(as_i16(ours) - as_i16(T.rescaled_crop(data, s, left, top, 224, flip)))
+        diff = np.abs(as_i16(ours) - as_i16(jpeg.rescaled_crop(data, s, left, top, 224, flip)))
         # simplejpeg: the same decoded pixels and box (1 grey level of slack for other libjpeg-turbo builds);
         # window: the same decoded pixels, the box moved into the window's coordinates rounds differently in
         # the last bit, which moves ~0.1 % of values by a grey level or two
@@ -296,34 +278,37 @@ def test_fast_decoders_match_the_pil_route_and_rescale_then_crop(decoder, size, 
 def test_window_decoder_declines_what_it_does_not_decode_cleanly():
     buf = io.BytesIO()
     Image.new("CMYK", (300, 260), (10, 20, 30, 0)).save(buf, "JPEG")
-    assert T._jpegcrop.header(buf.getvalue()) is None and T.window_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    assert (
+        jpeg._jpegcrop.header(buf.getvalue()) is None
+        and jpeg.window_crop(buf.getvalue(), 256, 0, 0, 224) is None
+    )
     buf = io.BytesIO()
     Image.new("RGB", (300, 260)).save(buf, "PNG")
-    assert T._jpegcrop.header(buf.getvalue()) is None
-    assert T._jpegcrop.header(b"") is None
-    assert T._jpegcrop.header(photo_jpeg(50, 40)) == (50, 40, 3)
+    assert jpeg._jpegcrop.header(buf.getvalue()) is None
+    assert jpeg._jpegcrop.header(b"") is None
+    assert jpeg._jpegcrop.header(photo_jpeg(50, 40)) == (50, 40, 3)
     gray = io.BytesIO()
     Image.fromarray(np.tile(np.arange(300, dtype=np.uint8)[None] % 251, (260, 1))).save(gray, "JPEG")
-    assert T._jpegcrop.header(gray.getvalue()) == (300, 260, 1)
-    out = T.window_crop(gray.getvalue(), 256, 10, 0, 224)
+    assert jpeg._jpegcrop.header(gray.getvalue()) == (300, 260, 1)
+    out = jpeg.window_crop(gray.getvalue(), 256, 10, 0, 224)
     assert out is not None and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
     data = photo_jpeg(500, 375)
     truncated = data[: len(data) // 2]  # libjpeg warns "premature end of data" → Pillow's policy decides
     with pytest.raises(ValueError, match="libjpeg"):
-        T._jpegcrop.crop(truncated, 1, 0, 300, 500, 375)
-    assert T.window_crop(truncated, 256, 0, 0, 224) is None
+        jpeg._jpegcrop.crop(truncated, 1, 0, 300, 500, 375)
+    assert jpeg.window_crop(truncated, 256, 0, 0, 224) is None
     with pytest.raises(OSError):  # the PIL fallback refuses a truncated file, as without the extension
-        T.train_crop_jpeg(truncated, 256, 224, np.random.default_rng(0))
+        jpeg.train_crop_jpeg(truncated, 256, 224, np.random.default_rng(0))
     with pytest.raises(ValueError, match="denom"):
-        T._jpegcrop.crop(data, 3, 0, 0, 10, 10)
+        jpeg._jpegcrop.crop(data, 3, 0, 0, 10, 10)
     with pytest.raises(ValueError, match="empty window"):
-        T._jpegcrop.crop(data, 1, 600, 0, 700, 10)
+        jpeg._jpegcrop.crop(data, 1, 600, 0, 700, 10)
     with pytest.raises(ValueError, match="out buffer of 100 bytes"):
-        T._jpegcrop.crop(data, 1, 0, 0, 100, 100, np.empty(100, np.uint8))
+        jpeg._jpegcrop.crop(data, 1, 0, 0, 100, 100, np.empty(100, np.uint8))
     with pytest.raises(BufferError):  # read-only
-        T._jpegcrop.crop(data, 1, 0, 0, 100, 100, bytes(10**6))
+        jpeg._jpegcrop.crop(data, 1, 0, 0, 100, 100, bytes(10**6))
     out = np.zeros(500 * 375 * 4, np.uint8)
-    pixels, *_ = T._jpegcrop.crop(data, 1, 0, 0, 500, 375, out)
+    pixels, *_ = jpeg._jpegcrop.crop(data, 1, 0, 0, 500, 375, out)
     assert pixels is out and out.any()
 
 
@@ -332,15 +317,17 @@ def test_every_decoder_gives_the_same_crop_from_the_same_draws():
     data = photo_jpeg(500, 375)
     for seed in range(8):
         crops = {
-            name: as_i16(T.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder=name))
-            for name in T.DECODER_CHOICES
+            name: as_i16(
+                jpeg.train_crop_jpeg(data, (256, 512), 224, np.random.default_rng(seed), decoder=name)
+            )
+            for name in JPEG_DECODERS
         }
         assert np.array_equal(crops["auto"], crops["window"])
         for name in ("simplejpeg", "pil"):
             assert np.abs(crops["window"] - crops[name]).max() <= 2
-    assert T.available_decoder() == "window"
+    assert jpeg.available_decoder() == "window"
     with pytest.raises(ValueError, match="decoder must be one of"):
-        T.train_crop_jpeg(data, 256, 224, np.random.default_rng(0), decoder="nvjpeg")
+        jpeg.train_crop_jpeg(data, 256, 224, np.random.default_rng(0), decoder="nvjpeg")
 
 
 @needs_window
@@ -348,20 +335,22 @@ def test_window_decoder_runs_in_threads_without_the_gil():
     from concurrent.futures import ThreadPoolExecutor
 
     data = [photo_jpeg(500, 375, seed=i) for i in range(4)]
-    expected = [T.window_crop(d, 300, 20, 30, 224) for d in data]
+    expected = [jpeg.window_crop(d, 300, 20, 30, 224) for d in data]
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):
-            got = list(pool.map(lambda d: T.window_crop(d, 300, 20, 30, 224), data))
+            got = list(pool.map(lambda d: jpeg.window_crop(d, 300, 20, 30, 224), data))
             assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 @needs_window
-@pytest.mark.parametrize("size, q", [((500, 375), 256), ((375, 500), 384), ((683, 512), 224), ((2048, 1536), 256)])
+@pytest.mark.parametrize(
+    "size, q", [((500, 375), 256), ((375, 500), 384), ((683, 512), 224), ((2048, 1536), 256)]
+)
 def test_center_crop_decodes_the_window_and_matches_the_pil_route(size, q, monkeypatch):
     data = photo_jpeg(*size)
-    ours = as_i16(T.center_crop_jpeg(data, q, 224))
-    monkeypatch.setattr(T, "_jpegcrop", None)
-    pil = as_i16(T.center_crop_jpeg(data, q, 224))
+    ours = as_i16(jpeg.center_crop_jpeg(data, q, 224))
+    monkeypatch.setattr(jpeg, "_jpegcrop", None)
+    pil = as_i16(jpeg.center_crop_jpeg(data, q, 224))
     assert np.abs(ours - pil).max() <= 2 and np.abs(ours - pil).mean() < 0.02
 
 
@@ -371,112 +360,22 @@ def test_decode_rescaled_through_the_window_decoder_equals_the_pil_route(size, m
     data = photo_jpeg(*size)
     # q=None decodes first; had it returned a view of the reused decode buffer, the later decodes would have
     # overwritten it before the comparison below
-    ours = {q: T.decode_rescaled(data, q) for q in (None, 224, 384, 512)}
-    monkeypatch.setattr(T, "_jpegcrop", None)
+    ours = {q: jpeg.decode_rescaled(data, q) for q in (None, 224, 384, 512)}
+    monkeypatch.setattr(jpeg, "_jpegcrop", None)
     for q, got in ours.items():
-        assert torch.equal(got, T.decode_rescaled(data, q)), q  # same decoded pixels, same box: bit-exact
+        assert torch.equal(got, jpeg.decode_rescaled(data, q)), q  # same decoded pixels, same box: bit-exact
 
 
 def test_non_rgb_jpeg_comes_out_rgb():
     buf = io.BytesIO()
     Image.new("L", (300, 260), 77).save(buf, "JPEG")
-    out = T.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
+    out = jpeg.train_crop_jpeg(buf.getvalue(), 256, 224, np.random.default_rng(0))
     assert out.shape == (3, 224, 224) and int(out.float().mean().round()) == 77
 
 
 def test_collate_images_is_channels_last_stack():
     imgs = [torch.randint(0, 256, (4, 5, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(3)]
-    batch = T.collate_images(imgs)
+    batch = jpeg.collate_images(imgs)
     assert batch.shape == (3, 3, 4, 5) and batch.dtype == torch.uint8
     assert batch.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batch, torch.stack([im.contiguous() for im in imgs]))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# device side
-
-
-def fake_stats(seed: int = 0) -> dict:
-    """stats.json-shaped statistics of correlated RGB pixels (0–255), PCA rows sorted by eigenvalue."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0, 50, (5000, 1))
-    px = np.clip(120 + base + rng.normal(0, [20, 10, 5], (5000, 3)), 0, 255)
-    cov = np.cov(px, rowvar=False)
-    val, vec = np.linalg.eigh(cov)
-    order = np.argsort(val)[::-1]
-    return {
-        "mean_rgb": px.mean(0).tolist(),
-        "cov_rgb": cov.tolist(),
-        "eigenvalues": val[order].tolist(),
-        "eigenvectors": vec[:, order].T.tolist(),
-        "images": 1,
-        "pixels": 5000,
-    }
-
-
-def test_pca_color_offset_matches_numpy():
-    st = fake_stats()
-    rng = np.random.default_rng(0)
-    alpha = rng.normal(0, 0.1, (6, 3))
-    lam, p = np.array(st["eigenvalues"]), np.array(st["eigenvectors"])
-    expected = np.array([sum(a[i] * lam[i] * p[i] for i in range(3)) for a in alpha])
-    got = T.pca_color_offset(torch.tensor(alpha), torch.tensor(lam), torch.tensor(p))
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
-
-
-def test_device_augment_eval_is_mean_subtraction_and_train_adds_pca_shift():
-    st = fake_stats()
-    aug = T.DeviceAugment.from_stats(st, DataConfig(color_shift_std=0.1))
-    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    mean = np.array(st["mean_rgb"])
-    out = aug(x, train=False)
-    assert out.dtype == torch.float32 and out.shape == x.shape
-    np.testing.assert_allclose(out.numpy(), x.numpy() - mean[None, :, None, None], atol=1e-4)
-
-    g = torch.Generator().manual_seed(7)
-    trained = aug(x, train=True, generator=g)
-    alpha = torch.randn((4, 3), generator=torch.Generator().manual_seed(7)).double().numpy() * 0.1
-    lam, p = np.array(st["eigenvalues"]) / 255.0, np.array(st["eigenvectors"])
-    offset = (alpha * lam) @ p  # (N, 3): Σ α λ/255 p, 0–255 units
-    expected = x.numpy() + offset[:, :, None, None] - mean[None, :, None, None]
-    np.testing.assert_allclose(trained.numpy(), expected, atol=1e-3)
-    shift = (trained - out).mean(dim=(2, 3))  # constant per image and channel
-    assert shift.abs().min() > 0 and not torch.allclose(shift[0], shift[1])
-
-
-def test_color_shift_spread_along_each_axis_is_sigma_lambda():
-    st = fake_stats()
-    aug = T.DeviceAugment.from_stats(st, DataConfig(color_shift_std=0.2))
-    x = torch.zeros((20000, 3, 1, 1), dtype=torch.uint8)
-    offset = aug(x, train=True, generator=torch.Generator().manual_seed(0)) - aug(x, train=False)
-    proj = offset.view(-1, 3).double() @ torch.tensor(st["eigenvectors"], dtype=torch.float64).T  # along pᵢ
-    expected = 0.2 * np.array(st["eigenvalues"]) / 255.0
-    np.testing.assert_allclose(proj.std(0).numpy(), expected, rtol=0.05)
-
-
-def test_mean_std_normalisation_and_no_mutation_of_float_input():
-    st = fake_stats()
-    aug = T.DeviceAugment.from_stats(st, DataConfig(normalize="mean_std"))
-    x = torch.rand(2, 3, 4, 4) * 255
-    before = x.clone()
-    out = aug(x, train=False)
-    std = np.sqrt(np.diag(np.array(st["cov_rgb"])))
-    expected = (x.numpy() - np.array(st["mean_rgb"])[None, :, None, None]) / std[None, :, None, None]
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(x, before)
-    assert torch.allclose(
-        T.normalize(x, torch.tensor(st["mean_rgb"]).float(), torch.tensor(std).float()), out, atol=1e-5
-    )
-
-
-def test_device_augment_keeps_channels_last():
-    aug = T.DeviceAugment.from_stats(fake_stats(), DataConfig())
-    x = T.collate_images([torch.zeros(3, 6, 6, dtype=torch.uint8)] * 2)
-    assert aug(x, train=True).is_contiguous(memory_format=torch.channels_last)
-
-
-def test_device_augment_refuses_inconsistent_stats():
-    st = fake_stats()
-    st["eigenvectors"] = np.array(st["eigenvectors"]).T.tolist()  # columns instead of rows
-    with pytest.raises(ValueError, match="transposed"):
-        T.DeviceAugment.from_stats(st, DataConfig())

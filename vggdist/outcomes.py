@@ -1,0 +1,143 @@
+"""Evaluation results as data: what was scored (`EvalKey`), per image (`Outcomes`), summed (`Counts`), as a table.
+
+An evaluation scores every validation image under several settings: a protocol (§3.2: single, dense,
+multi-crop, combined) at one test scale Q, or with its posteriors averaged over several Q (Table 4). For each
+setting and each image it records whether the label is the top-1 and among the top-5 classes. Keeping the
+per-image outcome, keyed by the sample's key, rather than only the counts lets two runs scored on the same
+images be compared image by image (`vggdist.significance.mcnemar`); the error rates are counts of it.
+
+Outcomes of disjoint slices of the validation set (one per Ray task) are concatenated in the driver;
+no torch here, so results can be read and compared without the training stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vggdist.runmeta import PROTOCOLS
+
+
+@dataclass(frozen=True)
+class EvalKey:
+    """One evaluation setting: `protocol` at test scale Q = scales[0], or averaged over `scales` (Table 4)."""
+
+    protocol: str
+    scales: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"unknown evaluation protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}"
+            )
+        if not self.scales or any(int(q) <= 0 for q in self.scales):
+            raise ValueError(f"test scales must be positive integers, got {self.scales!r}")
+
+    @property
+    def multiscale(self) -> bool:
+        return len(self.scales) > 1
+
+
+def eval_keys(protocols: Sequence[str], scales: Sequence[int]) -> list[EvalKey]:
+    """The settings an evaluation of `protocols` at `scales` scores: for each protocol, every single Q and,
+    with several Q, their multi-scale average."""
+    if not protocols:
+        raise ValueError(f"no evaluation protocol given; choose from {', '.join(PROTOCOLS)}")
+    if not scales:
+        raise ValueError("an evaluation needs at least one test scale Q")
+    qs = tuple(int(q) for q in scales)
+    multi = [qs] if len(qs) > 1 else []
+    return [EvalKey(p, s) for p in protocols for s in [(q,) for q in qs] + multi]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Images scored and top-1 / top-5 hits among them; error rates in %."""
+
+    n: int
+    top1: int
+    top5: int
+
+    def _err(self, hits: int) -> float:
+        if self.n <= 0:
+            raise ValueError("no images were counted; cannot compute error rates")
+        return 100.0 * (self.n - hits) / self.n
+
+    @property
+    def top1_err(self) -> float:
+        return self._err(self.top1)
+
+    @property
+    def top5_err(self) -> float:
+        return self._err(self.top5)
+
+
+@dataclass
+class Outcomes:
+    """Per-image results: image i has sample key `keys[i]`; `top1[k][i]` / `top5[k][i]` (bool) say whether it was a
+    top-1 / top-5 hit under setting k. Every array has one entry per key."""
+
+    keys: list[str]
+    top1: dict[EvalKey, np.ndarray]
+    top5: dict[EvalKey, np.ndarray]
+
+    def __post_init__(self) -> None:
+        if self.top1.keys() != self.top5.keys():  # internal invariant
+            raise RuntimeError("top-1 and top-5 outcomes cover different settings")
+        for k in self.top1:
+            if not len(self.top1[k]) == len(self.top5[k]) == len(self.keys):
+                raise RuntimeError(
+                    f"internal error: {k} has outcomes for {len(self.top1[k])} of {len(self.keys)} images"
+                )
+
+    @classmethod
+    def empty(cls, settings: Iterable[EvalKey]) -> Outcomes:
+        settings = list(settings)
+        none = np.zeros(0, dtype=bool)
+        return cls([], dict.fromkeys(settings, none), dict.fromkeys(settings, none))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Outcomes]) -> Outcomes:
+        """The outcomes of disjoint sets of images (batches, evaluation slots), in the order given."""
+        if not parts:
+            raise ValueError("no outcomes to concatenate")
+        settings = list(parts[0].top1)
+        if any(p.top1.keys() != parts[0].top1.keys() for p in parts):
+            raise ValueError("outcomes to concatenate must score the same settings")
+        return cls(
+            [key for p in parts for key in p.keys],
+            {k: np.concatenate([p.top1[k] for p in parts]) for k in settings},
+            {k: np.concatenate([p.top5[k] for p in parts]) for k in settings},
+        )
+
+    def counts(self) -> dict[EvalKey, Counts]:
+        """Images and hits of every setting."""
+        return {
+            k: Counts(len(self.keys), int(self.top1[k].sum()), int(self.top5[k].sum())) for k in self.top1
+        }
+
+
+def results_rows(
+    counts: Mapping[EvalKey, Counts], scales: Sequence[int], paper_scales: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """The results table (`eval_results.json`): one row per setting, protocols in the paper's order, single
+    scales before the multi-scale row; errors in % (4 decimals), with the paper-unit scales alongside."""
+    to_paper = dict(zip(scales, list(paper_scales) if paper_scales else list(scales), strict=True))
+
+    def order(k: EvalKey) -> tuple:
+        return PROTOCOLS.index(k.protocol), k.multiscale, list(k.scales)
+
+    return [
+        {
+            "protocol": k.protocol,
+            "scales": list(k.scales),
+            "paper_scales": [to_paper[q] for q in k.scales],
+            "top1_err": round(counts[k].top1_err, 4),
+            "top5_err": round(counts[k].top5_err, 4),
+            "n": counts[k].n,
+        }
+        for k in sorted(counts, key=order)
+    ]

@@ -1,0 +1,142 @@
+"""§4 evaluation on Ray: a run's (or a fusion's) validation images split over N Ray tasks, scored exactly once.
+
+`evaluate` resolves runs to checkpoints, starts `workers` tasks that each score a contiguous slice of the
+validation set (`vggdist.eval_run.evaluate_shard_slice`), concatenates their per-image outcomes, checks the
+image count against manifest.json, and logs the error rates and the results table to the evaluated run.
+`evaluate_fusion` is the same for several runs whose posteriors are averaged (Table 6).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from vggdist import checkpoint as ckpt
+from vggdist import runmeta, tracking
+from vggdist.data import check_eval_count, expected_eval_count
+from vggdist.eval_run import evaluate_shard_slice
+from vggdist.outcomes import Outcomes, results_rows
+from vggdist.ray_setup import ensure_ray
+from vggdist.shardformat import split_dir
+
+
+@ray.remote
+def _eval_slice(
+    checkpoints: list[str], val_dir: str, rank: int, world: int, protocols: list[str], scales: list[int]
+) -> Outcomes:
+    """Slice `rank` of `world` of the validation images, scored in a Ray task (on a GPU when it was given one)."""
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    return evaluate_shard_slice(
+        checkpoints, val_dir, rank=rank, world_size=world, protocols=protocols, scales=scales, device=device
+    )
+
+
+def _distributed_outcomes(
+    checkpoints: list[str], val_dir: Path, protocols: list[str], scales: list[int], workers: int, gpu: bool
+) -> Outcomes:
+    """The outcomes of `workers` Ray tasks, in manifest order; refuses unless every validation image was scored
+    exactly once."""
+    opts = {"num_gpus": 1} if gpu else {}
+    refs = [
+        _eval_slice.options(**opts).remote(checkpoints, str(val_dir), r, workers, protocols, scales)
+        for r in range(workers)
+    ]
+    outcomes = Outcomes.concat(ray.get(refs))
+    check_eval_count(len(outcomes.keys), expected_eval_count(val_dir))
+    return outcomes
+
+
+def _checkpoint_of(run_or_ckpt: str, uri: str) -> tuple[str, str | None]:
+    """(checkpoint path, MLflow run id or None) for a run id or a checkpoint path."""
+    path = tracking.resolve_checkpoint(run_or_ckpt, uri=uri)
+    run_id = None if os.path.exists(run_or_ckpt) or "://" in run_or_ckpt else run_or_ckpt
+    return path, run_id or ckpt.read_meta(path).get("mlflow_run_id")
+
+
+def evaluate(
+    run_or_checkpoint: str,
+    data_dir: str,
+    *,
+    protocols: tuple[str, ...] = runmeta.PROTOCOLS,
+    scales: list[int] | None = None,
+    paper_scales: list[int] | None = None,
+    ensemble: list[str] | None = None,
+    workers: int = 2,
+    split: str = "val",
+    address: str | None = None,
+    log_to_run: bool = True,
+    gpu: bool = False,
+) -> dict[str, Any]:
+    """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards.
+
+    Logs `eval/<protocol>/<scales>/top1_err|top5_err` and the `eval_results` table to the evaluated run (for an
+    ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str, "run_id":
+    the evaluated run or None, "outcomes": each image's hits per (protocol, scales), in manifest order}.
+    """
+    ensure_ray(address)
+    uri = tracking.tracking_uri()
+    val_dir = split_dir(data_dir, split)
+    members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]
+    run_dir = os.path.dirname(members[0][0].rstrip("/"))  # <storage>/<run name>/epoch_NNN
+    run_spool = tracking.existing_spool(run_dir)  # None for a checkpoint outside any vggdist run storage
+    if run_spool and tracking.replay_pending(os.path.dirname(run_dir)) and members[0][0] != run_or_checkpoint:
+        members[0] = _checkpoint_of(run_or_checkpoint, uri)  # the replay may have moved its checkpoint tag
+    cfg = ckpt.load_config(members[0][0])
+    scales = list(scales or cfg.eval.test_scales)
+    outcomes = _distributed_outcomes(
+        [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu
+    )
+    rows = results_rows(outcomes.counts(), scales, paper_scales)
+    if ensemble:
+        for r in rows:
+            r["models"] = [m[1] or m[0] for m in members]
+    run_id = members[0][1]
+    if log_to_run and run_id:
+        # through the run's spool: kept if MLflow is down; a temporary one (and a warning) for foreign checkpoints
+        tracker = tracking.Tracker.attach(run_id, run_spool, uri=uri, wait_s=cfg.run.mlflow_wait_s)
+        prefix = runmeta.EVAL_FUSION if ensemble else runmeta.EVAL
+        metrics = {
+            runmeta.eval_metric_name(r["protocol"], r["scales"], kind, prefix): r[kind]
+            for r in rows
+            for kind in runmeta.ERROR_KINDS
+        }
+        tracker.log_metrics(metrics, step=0)
+        artifact = runmeta.FUSION_EVAL_RESULTS if ensemble else runmeta.EVAL_RESULTS
+        tracking.log_eval_table(tracker, rows, name=artifact)
+        tracker.close()
+    return {"rows": rows, "markdown": runmeta.markdown_table(rows), "run_id": run_id, "outcomes": outcomes}
+
+
+def evaluate_fusion(
+    run_ids: list[str],
+    data_dir: str,
+    *,
+    labels: list[str],
+    protocols: tuple[str, ...],
+    scales: list[int],
+    paper_scales: list[int] | None = None,
+    workers: int = 2,
+    gpu: bool = False,
+) -> list[dict[str, Any]]:
+    """Table 6: the posteriors of several runs averaged over all `scales`; rows carry the member labels and run ids."""
+    out = evaluate(
+        run_ids[0],
+        data_dir,
+        protocols=protocols,
+        scales=scales,
+        paper_scales=paper_scales,
+        ensemble=run_ids[1:],
+        workers=workers,
+        log_to_run=False,
+        gpu=gpu,
+    )
+    rows = [r for r in out["rows"] if len(r["scales"]) == len(scales)]  # multi-scale rows only, as in Table 6
+    for r in rows:
+        r["models"] = labels
+        r["run_ids"] = run_ids
+    return rows
