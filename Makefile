@@ -36,11 +36,14 @@ demo: setup
 	@bash scripts/install_fashion_mnist.sh || true
 	$(BIN)/vggdist demo $(DEMO_ARGS)
 
+# Every benchmark, then docs/performance.md regenerated from bench/results/*.json.
 bench: setup
 	$(BIN)/python bench/run_all.py --quick
+	$(BIN)/python bench/render.py
 
 bench-full: setup
 	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/render.py
 
 lint: setup
 	$(BIN)/ruff check vggdist preprocess jobs bench tests

@@ -20,8 +20,8 @@ fc6's input (512·3·3 instead of 512·7·7), because with fc6 at full size each
 DDP bucket, PowerSGD's error-feedback buffer and its copy of the bucket); ``--smoke``, a tiny model for the
 tests (seconds).
 
-How to read: ratio = baseline / ours (bytes and seconds are costs), baseline = none. Targets (issue 6):
-bf16 halves the bytes (ratio 2.0); PowerSGD sends at most 1/100 of them (ratio ≥ 100). On one CPU host the
+How to read: ratio = baseline / ours (bytes and seconds are costs), baseline = none. What to expect:
+bf16 halves the bytes (ratio 2.0); PowerSGD sends about 1/100 of them or less (ratio ≥ 100). On one CPU host the
 "network" is loopback memory copies, so step-time ratios are far below the byte ratios; across nodes, where
 the link is the bottleneck, step time follows the bytes.
 """

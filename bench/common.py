@@ -7,7 +7,11 @@ better (rates: ours / baseline; costs such as seconds or bytes: baseline / ours)
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +50,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 def report(
     title: str, rows: list[Row], json_path: Path | None = None, notes: list[str] | None = None
 ) -> None:
-    """Print `rows` as a table (baseline, ours, ratio) and optionally write them as JSON."""
+    """Print `rows` as a table (baseline, ours, ratio) and optionally write them as JSON, with the notes and the
+    machine they were measured on (what `bench/render.py` turns into docs/performance.md)."""
     w = max([len(r.name) for r in rows] + [4])
     print(f"\n{title}")
     print(f"{'name':<{w}}  {'unit':<10} {'baseline':>12} {'ours':>12} {'ratio':>8}")
@@ -57,9 +62,41 @@ def report(
         print(f"  note: {n}")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(
-            json.dumps({"title": title, "rows": [r.as_json() for r in rows]}, indent=2) + "\n"
-        )
+        doc = {
+            "title": title,
+            "rows": [r.as_json() for r in rows],
+            "notes": notes or [],
+            "machine": machine(),
+        }
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Where and how a benchmark ran: date, CPU, cores, GPU, library versions, quick or full sizes."""
+    import PIL
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pillow": PIL.__version__,
+        "quick": "--quick" in sys.argv,
+    }
 
 
 class Timer:

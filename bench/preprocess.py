@@ -1,4 +1,4 @@
-"""Benchmark of the preprocessing stage (issue 3): images/s per core, ours vs a naive baseline, side by side.
+"""Benchmark of the preprocessing stage: images/s per core, ours vs a naive baseline, side by side.
 
 Inputs are generated ImageNet-like JPEGs (q90): 500×375 (the typical ImageNet size, below the 512 limit) and
 1600×1200 (a large photo, downscaled to 683×512).

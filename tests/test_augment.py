@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.tiny_data import fake_stats
 from vggdist import augment
 from vggdist.config import DataConfig
 from vggdist.jpeg import collate_images
@@ -34,24 +35,6 @@ def test_jittered_scale_covers_the_range_and_offsets_fit():
         sw, sh = augment.scaled_size(500, 375, s)
         assert 0 <= left <= sw - 224 and 0 <= top <= sh - 224
     assert {augment.sample_crop(500, 375, 256, 224, rng)[0] for _ in range(20)} == {256}
-
-
-def fake_stats(seed: int = 0) -> dict:
-    """stats.json-shaped statistics of correlated RGB pixels (0–255), PCA rows sorted by eigenvalue."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0, 50, (5000, 1))
-    px = np.clip(120 + base + rng.normal(0, [20, 10, 5], (5000, 3)), 0, 255)
-    cov = np.cov(px, rowvar=False)
-    val, vec = np.linalg.eigh(cov)
-    order = np.argsort(val)[::-1]
-    return {
-        "mean_rgb": px.mean(0).tolist(),
-        "cov_rgb": cov.tolist(),
-        "eigenvalues": val[order].tolist(),
-        "eigenvectors": vec[:, order].T.tolist(),
-        "images": 1,
-        "pixels": 5000,
-    }
 
 
 def test_pca_color_offset_matches_numpy():

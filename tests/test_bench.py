@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import run_all  # noqa: E402
+from bench import render, run_all  # noqa: E402
 
 
 def _run(script: str, tmp_path: Path, *args: str) -> list[dict]:
@@ -78,3 +78,17 @@ def test_run_all_collects_rows_and_fails_on_a_crash(tmp_path, monkeypatch, capsy
     (bench / "loader.py").unlink()
     assert run_all.main(["--json-dir", str(out)]) == 0
     assert json.loads((out / "eval.json").read_text())["quick"] is False
+
+
+def test_render_writes_one_section_per_benchmark(tmp_path):
+    row = {"name": "dense vs multi-crop", "unit": "img/s", "baseline": 6.25, "ours": 41.5, "ratio": 6.64}
+    machine = {"date": "2026-12-03", "cpu": "x86", "cores": 2, "gpu": None, "quick": True}
+    doc = {"title": "Evaluation", "rows": [row], "notes": ["device: CPU"], "machine": machine}
+    (tmp_path / "eval.json").write_text(json.dumps(doc))
+    page = render.render(tmp_path)
+    assert page.startswith("# Performance") and "do not edit by hand" in page
+    assert "| dense vs multi-crop | img/s | 6.25 | 41.5 | 6.64× |" in page
+    assert "- device: CPU" in page and "2026-12-03, x86 (2 cores), no GPU" in page and "quick sizes" in page
+    assert "Evaluation cost (§3.2)" in page  # what bench/eval.py measures, from its docstring
+    assert "## Evaluation\n\n`bench/eval.py`, measured 2026-12-03" in page
+    assert page.count("Not run yet: `python bench/") == len(run_all.BENCHMARKS) - 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tiny_data import fake_stats
 from vggdist.shardformat import (
     DataError,
     check_stats,
@@ -71,20 +72,6 @@ def test_split_dir_layouts_data_dirs_and_shard_files(tmp_path):
     assert read_manifest(root / "train")["split"] == "train"
     with pytest.raises(DataError, match="vggdist-preprocess shard --split train"):
         data_dirs(tmp_path / "nothing")
-
-
-def fake_stats(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    px = np.clip(120 + rng.normal(0, 50, (2000, 1)) + rng.normal(0, [20, 10, 5], (2000, 3)), 0, 255)
-    cov = np.cov(px, rowvar=False)
-    val, vec = np.linalg.eigh(cov)
-    order = np.argsort(val)[::-1]
-    return {
-        "mean_rgb": px.mean(0).tolist(),
-        "cov_rgb": cov.tolist(),
-        "eigenvalues": val[order].tolist(),
-        "eigenvectors": vec[:, order].T.tolist(),
-    }
 
 
 def test_stats_reader_and_errors(tmp_path):

@@ -1,4 +1,5 @@
-"""A tiny learnable image dataset for end-to-end tests: real JPEGs in an image folder, sharded by vggdist-preprocess.
+"""A tiny learnable image dataset for end-to-end tests: real JPEGs in an image folder, sharded by vggdist-preprocess;
+and stats.json-shaped statistics for the tests of what reads them.
 
 Class c of 4 is a noisy image whose horizontal band c (of 4, top to bottom) is bright: invariant to the horizontal
 flips of training augmentation, so the mini networks learn it within a few epochs.
@@ -42,3 +43,21 @@ def make_shards(tmp: Path, train_per_class: int = 48, val_per_class: int = 10, s
                               "--samples-per-shard", str(samples_per_shard), "--workers", "1", "--no-progress"])
         assert rc == 0
     return data
+
+
+def fake_stats(seed: int = 0) -> dict:
+    """stats.json-shaped statistics of correlated RGB pixels (0–255), PCA rows sorted by eigenvalue."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 50, (5000, 1))
+    px = np.clip(120 + base + rng.normal(0, [20, 10, 5], (5000, 3)), 0, 255)
+    cov = np.cov(px, rowvar=False)
+    val, vec = np.linalg.eigh(cov)
+    order = np.argsort(val)[::-1]
+    return {
+        "mean_rgb": px.mean(0).tolist(),
+        "cov_rgb": cov.tolist(),
+        "eigenvalues": val[order].tolist(),
+        "eigenvectors": vec[:, order].T.tolist(),
+        "images": 1,
+        "pixels": 5000,
+    }
