@@ -16,18 +16,23 @@ Paths are local paths or URIs (`s3://…`, through `pyarrow.fs`). No ray import.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vggdist import runmeta
 from vggdist.checkpoint import MANIFEST_FILE, META_FILE, InvalidCheckpoint, read_manifest, verify
+from vggdist.failures import CommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +68,17 @@ def non_retryable_errno(e: BaseException) -> int | None:
 
 
 @dataclass
-class CheckpointWriteError(Exception):
-    """Writing a checkpoint failed in a way that a retry cannot fix. Picklable (it travels from a Ray Train
-    worker to the driver in the worker's return value) and printed as one line."""
+class CheckpointWriteError(CommandFailed):
+    """Writing a checkpoint (or the run's tracking spool beside it) failed in a way that a retry cannot fix.
+    Picklable, and a plain dict in between (it travels from a Ray Train worker to the driver in the worker's
+    return value); printed as one line. `resume`: how to go on, added by the driver."""
 
     path: str
     code: int
     detail: str
     needed_bytes: int | None = None
     free_bytes: int | None = None
+    resume: str | None = None
 
     def __str__(self) -> str:
         why = os.strerror(self.code)
@@ -81,16 +88,11 @@ class CheckpointWriteError(Exception):
             if self.free_bytes is not None:
                 space += f", {_mb(self.free_bytes)} free there"
         fix = "free space there" if self.code in NO_SPACE else "make it writable"
-        return f"cannot write checkpoint {self.path}: {why}{space}; {fix} (or choose another --storage-path)"
+        then = f", then {self.resume}" if self.resume else ""
+        return f"cannot write {self.path}: {why}{space}; {fix} (or choose another --storage-path){then}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "code": self.code,
-            "detail": self.detail,
-            "needed_bytes": self.needed_bytes,
-            "free_bytes": self.free_bytes,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointWriteError:
@@ -262,6 +264,20 @@ def whole_checkpoints(run_dir: str) -> list[Found]:
             meta = {}
         found.append(Found(path, int(m.group(1)), meta))
     return sorted(found, key=lambda f: f.epoch)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local directory holding the checkpoint at `path`: itself when local, else a temporary download."""
+    fs, fs_path = _filesystem(path)
+    if fs is None:
+        yield fs_path
+        return
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="vggdist-ckpt-") as tmp:
+        pafs.copy_files(fs_path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
 
 
 def _read_local(path: str) -> bytes | None:

@@ -7,11 +7,14 @@ with exit code 2 (usage), and heavy imports (torch, ray, mlflow) happen only in 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from vggdist.config import (
     CONFIG_NAMES,
@@ -22,6 +25,7 @@ from vggdist.config import (
     default_preset,
     preset,
 )
+from vggdist.failures import CommandFailed
 from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
 
 USAGE_ERROR = 2
@@ -177,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fashion_mnist=args.fashion_mnist,
         quick=args.quick,
         train_per_class=args.train_per_class,
+        address=args.address,
     )
 
 
@@ -185,6 +190,20 @@ def _int_list(s: str, flag: str) -> list[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{flag} takes comma-separated integers, e.g. {flag} 256,384,512") from None
+
+
+_ADDRESS_HELP = (
+    "Ray cluster (GCS) address HOST:PORT, or auto for the cluster `ray start --head` started on this machine "
+    "(default: $RAY_ADDRESS, else a private local Ray that this command starts and stops)"
+)
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help=_ADDRESS_HELP)
+    # -v after the sub-command as well as before it; SUPPRESS keeps `vggdist -v train` working
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging, tracebacks"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-compression", choices=("none", "bf16", "powersgd"))
     t.add_argument("--seed", type=int)
     t.add_argument("--stage", help=argparse.SUPPRESS)
-    t.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="dense / multi-crop / combined evaluation at several scales, fusion")
@@ -271,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=2, help="Ray evaluation tasks")
     e.add_argument("--no-log", action="store_true", help="do not log the results to the evaluated MLflow run")
     e.add_argument("--gpu", action="store_true", help="one GPU per evaluation task")
-    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(e)
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser(
@@ -287,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field in every run")
     s.add_argument("--max-concurrent", type=int, help="stages at once (default: what the cluster holds now)")
-    s.add_argument("--address")
+    _add_address(s)
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="paper-style Tables 3-6 and an error-vs-depth plot from MLflow")
@@ -323,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training images per class (default 800; 100 with --quick)",
     )
+    _add_address(d)
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -348,10 +368,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as e:  # MLflow unreachable when a run must be created: nothing ran, nothing lost
         print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except CommandFailed as e:  # it ran and stopped (e.g. a full storage): one line saying how to go on
+        if args.verbose:
+            traceback.print_exc()
+        print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 
+def entry() -> NoReturn:
+    """The console script: `main`, then a quick exit. Every file a command writes is closed and synced by then;
+    the interpreter's teardown of torch, Ray and MLflow modules would only add seconds. Exit handlers (Ray's
+    shutdown, logging's flush) still run."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

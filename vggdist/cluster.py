@@ -48,6 +48,13 @@ WORKER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 
+# A private local Ray has no preemptions to watch for, and its Ray Train controller may poll its workers often:
+# one actor process less to start, and a run's start and end seen within half a second instead of two.
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
 _HTTP = re.compile(r"^https?://", re.IGNORECASE)
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})$")
 
@@ -311,6 +318,8 @@ def connect(
         )
         if announce:
             say(where)
+        for k, v in LOCAL_TRAIN_ENV.items():  # the node's processes inherit them from here
+            os.environ.setdefault(k, v)
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard)
         if include_dashboard is not False:
             kwargs["dashboard_host"] = "127.0.0.1"  # a private Ray: its dashboard stays on this machine

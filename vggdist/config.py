@@ -260,6 +260,10 @@ class RunConfig:
     powersgd_rank: int = 4
     powersgd_start_iter: int = 10
     max_failures: int = 3
+    # One worker on a private local Ray trains in the driver's own process (Ray Train's local mode: no Ray
+    # processes to start). None: that whenever workers == 1 and no cluster address is given; false: always Ray
+    # Train workers (a crashed worker *process* is then restarted too, not only a Python error).
+    local_mode: bool | None = None
     keep_checkpoints: int = 2  # newest kept in addition to the best one
     storage_path: str | None = None  # Ray storage (local dir, shared fs, s3://); None -> ~/vggdist_results
     experiment: str = DEFAULT_EXPERIMENT
@@ -296,6 +300,11 @@ class RunConfig:
             f"run.grad_compression={self.grad_compression!r}: use none, bf16 or powersgd",
         )
         _check(self.max_failures >= 0, "run.max_failures must be >= 0")
+        _check(
+            not (self.local_mode and self.workers > 1),
+            f"run.local_mode=true trains one worker in this process; run.workers={self.workers} needs Ray Train "
+            "workers (drop run.local_mode)",
+        )
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
         _check(self.mlflow_wait_s >= 0, "run.mlflow_wait_s must be >= 0 (seconds)")
 

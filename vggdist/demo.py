@@ -6,8 +6,9 @@
 3. `vggdist sweep --plan mini`: A from random init; B and D from A (staged init, §3.1); D with scale jittering;
    dense + multi-crop + combined evaluation at three scales; fusion of two nets (Table 6);
 4. `vggdist report`: the paper's tables with these numbers beside the paper's, and the error-vs-depth plot.
-Everything runs on a local Ray started in-process and MLflow in `<workdir>/mlflow.db` (unless MLFLOW_TRACKING_URI
-is set). The mini preset is the paper's protocol at crop 32 (`vggdist.paper.SCALES`): the numbers show learning,
+Everything runs on one private local Ray started once by this process (or the cluster that `--address` /
+RAY_ADDRESS names: `vggdist.cluster`) and MLflow in `<workdir>/mlflow.db` (unless MLFLOW_TRACKING_URI is set).
+The mini preset is the paper's protocol at crop 32 (`vggdist.paper.SCALES`): the numbers show learning,
 not ImageNet.
 """
 
@@ -109,14 +110,21 @@ def run_demo(
     fashion_mnist: str | None = None,
     quick: bool = False,
     train_per_class: int | None = None,
+    address: str | None = None,
 ) -> int:
     """Run the demo end to end in `workdir`; returns a process exit code (1 if a network did not learn)."""
+    from vggdist import cluster
+
     t0 = time.perf_counter()
+    src = find_fashion_mnist(fashion_mnist)
+    target = cluster.resolve(address)  # a wrong address fails here, before anything is written
+    cluster.check(target)
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    src = find_fashion_mnist(fashion_mnist)
+    # one Ray for every step: preprocessing's shard tasks, the sweep's stages and their evaluation
+    cluster.connect(target, num_cpus=2 if target.local else None)
     per_class = train_per_class or (100 if quick else 800)
     val_per_class = 20 if quick else 50
 
@@ -144,14 +152,12 @@ def run_demo(
             "--workers",
             "2",
         ]
-        if preprocess_main(argv) != 0:
+        if preprocess_main(argv + (["--address", address] if address else [])) != 0:
             return 1
 
     _say("[3/4] vggdist sweep --plan mini (A; B and D from A; D with scale jittering; evaluation; fusion)")
-    from vggdist.ray_setup import ensure_ray
     from vggdist.sweep import run_sweep
 
-    ensure_ray(num_cpus=2)
     sets = ["run.storage_path=" + str(work / "ray_results")]
     if quick:
         sets += ["schedule.epochs=1"]
@@ -162,6 +168,7 @@ def run_demo(
         workers=1,
         experiment="vggdist-demo",
         sweep_name=sweep_name,
+        address=address,
         sets=sets,
         progress=lambda key, res: _say(f"      stage {key} finished: run {res['run_id']}"),
     )

@@ -16,11 +16,10 @@ import ray
 import torch
 
 from vggdist import checkpoint as ckpt
-from vggdist import runmeta, tracking
+from vggdist import cluster, runmeta, tracking
 from vggdist.data import check_eval_count, expected_eval_count
 from vggdist.eval_run import evaluate_shard_slice
 from vggdist.outcomes import Outcomes, results_rows
-from vggdist.ray_setup import ensure_ray
 from vggdist.shardformat import split_dir
 
 
@@ -78,7 +77,7 @@ def evaluate(
     ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str, "run_id":
     the evaluated run or None, "outcomes": each image's hits per (protocol, scales), in manifest order}.
     """
-    ensure_ray(address)
+    cluster.connect(address)
     uri = tracking.tracking_uri()
     val_dir = split_dir(data_dir, split)
     members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]

@@ -6,12 +6,14 @@ cross-rank sum, checkpoint + `ray.train.report` at every epoch end, and rank-0 M
 driver created. Rank 0 only appends to the run's durable spool (`<storage>/<run>/mlflow_spool`, synced at every
 epoch end) and never talks to MLflow, so a restarted worker group resumes logging into the same run with no
 network call; the driver's sender replays the spool to MLflow while training runs. Evaluation on Ray is
-`vggdist.ray_eval`; connecting to Ray, `vggdist.ray_setup`.
+`vggdist.ray_eval`; where Ray runs, `vggdist.cluster`; how the workers run (Ray Train workers, or local mode in
+this process for one worker on a local Ray), `vggdist.ray_fit`.
 
-Fault tolerance: `FailureConfig(max_failures)` restarts the worker group, which resumes from
-`ray.train.get_checkpoint()` (model, optimiser, lr schedule, epoch; random draws are reseeded per epoch).
-Rerunning the same command with the same `run.run_name` resumes a run whose driver died (Ray finds the run's
-latest checkpoint under the storage path).
+Fault tolerance: `FailureConfig(max_failures)` restarts the worker group, which resumes from the newest whole
+checkpoint (model, optimiser, lr schedule, epoch; random draws are reseeded per epoch; `vggdist.ray_checkpoints`).
+Rerunning the same command with the run name its log shows (`--run-name`, default `<config>-<date>-<time>`)
+resumes a run whose driver died, in the same MLflow run. A storage that is full, read-only or forbidden stops the
+run at once with one line (`checkpoint_store.CheckpointWriteError`), without Ray's restarts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,12 @@ import ray.train.torch
 import torch
 
 from vggdist import checkpoint as ckpt
-from vggdist import data, runmeta, tracking
+from vggdist import checkpoint_store, cluster, data, ray_fit, runmeta, tracking
 from vggdist.augment import DeviceAugment
 from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
 from vggdist.models import unwrap_model
-from vggdist.ray_setup import alive_nodes, ensure_ray, worker_env
+from vggdist.ray_checkpoints import EpochCheckpoints, Stop
 from vggdist.shardformat import data_dirs, read_manifest, read_stats
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model, sync_batch_norm
 
@@ -67,7 +68,8 @@ class WorkerSettings:
     tracking_uri: str
     spool_dir: str  # the run's durable MLflow spool: rank 0 appends, the driver replays
     init_checkpoint: str | None  # the weights --init from-shallower / resume-weights start from
-    storage_root: str  # <storage path>/<run name>: where Ray puts this run's checkpoints
+    storage_root: str  # <storage path>/<run name>: where this run's checkpoints go
+    local_mode: bool = False  # one worker in the driver's process (`vggdist.ray_fit`)
 
 
 @dataclass(frozen=True)
@@ -141,13 +143,19 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
         num_classes=ws.num_classes,
     )
 
-    resumed = ray.train.get_checkpoint()
+    checkpoints = EpochCheckpoints(
+        ws.storage_root,
+        rank=rank,
+        reduce=_all_reduce_sum,
+        local_mode=ws.local_mode,
+        keep=cfg.run.keep_checkpoints,
+    )
+    resumed = checkpoints.resume()  # the newest whole checkpoint of this run, if any
     if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt.load(d)
+        state, resumed_from = resumed
         unwrap_model(model).load_state_dict(state["model"])
         loop.load_state_dict(state["train_state"], state.get("optimizer"))
-        log.info("rank %d resumed from %s at epoch %d", rank, resumed.path, loop.epoch)
+        log.info("rank %d resumed from %s at epoch %d", rank, resumed_from, loop.epoch)
 
     tracker = (
         tracking.Tracker.attach(ws.run_id, ws.spool_dir, uri=ws.tracking_uri, send=False)
@@ -201,55 +209,66 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
     def on_epoch_end(metrics: dict[str, float], lp: TrainLoop) -> None:
         last.clear()
         last.update(metrics)
-        name = f"epoch_{lp.epoch:03d}"
+        name = checkpoint_store.epoch_dir(lp.epoch)
         if runmeta.VAL_SAMPLES in metrics:  # every val image counted once
             data.check_eval_count(int(metrics[runmeta.VAL_SAMPLES]), expected_val)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt.save(
-                    tmp,
-                    model=model,
-                    config=cfg,
-                    optimizer=lp.optimizer,
-                    train_state=lp.state_dict(),
-                    stats=stats,
-                    meta={
-                        "epoch": lp.epoch,
-                        "metrics": metrics,
-                        "mlflow_run_id": ws.run_id,
-                        "init_mapping": mapping,
-                    },
-                )
-                ray.train.report(
-                    _score(metrics),
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=name,
-                )
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != runmeta.EPOCH}, step=lp.epoch)
-            tags = {runmeta.TAG_CHECKPOINT: f"{ws.storage_root}/{name}"}
+
+        def write(directory: str) -> None:
+            ckpt.save(
+                directory,
+                model=model,
+                config=cfg,
+                optimizer=lp.optimizer,
+                train_state=lp.state_dict(),
+                stats=stats,
+                meta={
+                    "epoch": lp.epoch,
+                    "metrics": metrics,
+                    "mlflow_run_id": ws.run_id,
+                    "init_mapping": mapping,
+                },
+            )
+
+        saved = checkpoints.save(name, metrics, write)  # raises Stop on every rank after a storage failure
+        if saved is not None:
+            tags = {runmeta.TAG_CHECKPOINT: saved}
             if lp.stall_guard.warning:
                 tags[runmeta.TAG_WARNING] = lp.stall_guard.warning
             if lp.schedule.events:
                 tags[runmeta.TAG_LR_SCHEDULE] = json.dumps([e.to_dict() for e in lp.schedule.events])
-            tracker.set_tags(tags)
-            tracker.sync()  # the epoch's metrics survive a crash of this machine
-        else:
-            ray.train.report(_score(metrics))
+            spooled(tracker.log_metrics, {k: v for k, v in metrics.items() if k != runmeta.EPOCH}, lp.epoch)
+            spooled(tracker.set_tags, tags)
+            spooled(tracker.sync)  # the epoch's metrics survive a crash of this machine
         _maybe_fail(lp.epoch, rank)
 
+    def spooled(call, *args) -> None:
+        """A tracking call on rank 0; a full or read-only storage (the spool lives there) stops the run at the
+        next epoch end instead of restarting the worker group."""
+        try:
+            call(*args)
+        except OSError as e:
+            if not checkpoints.note(e, tracker.spool_dir or ws.storage_root):
+                raise
+
     def log_step(m: dict[str, float], step: int) -> None:
-        tracker.log_metrics(m, step=step)
+        spooled(tracker.log_metrics, m, step)
 
-    loop.fit(train_batches, val_batches if ws.val_dir else None, on_epoch_end, log_fn=log_step)
-    tracker.close()
-    return {"metrics": last, "mapping": mapping, "warning": loop.stall_guard.warning}
-
-
-def _score(metrics: dict[str, float]) -> dict[str, float]:
-    """Ray keeps the k best checkpoints by `score` (plus always the latest): -val error, or -train error without val."""
-    out = dict(metrics)
-    out["score"] = -metrics.get(runmeta.VAL_TOP1_ERR, metrics.get(runmeta.TRAIN_TOP1_ERR, 100.0))
-    return out
+    try:
+        loop.fit(train_batches, val_batches if ws.val_dir else None, on_epoch_end, log_fn=log_step)
+    except Stop:
+        pass
+    try:
+        tracker.close()
+    except OSError as e:
+        if not checkpoints.note(e, tracker.spool_dir or ws.storage_root):
+            raise
+    failure = checkpoints.failure
+    return {
+        "metrics": last,
+        "mapping": mapping,
+        "warning": loop.stall_guard.warning,
+        "error": failure.to_dict() if failure is not None else None,
+    }
 
 
 def train(
@@ -260,8 +279,13 @@ def train(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     address: str | None = None,
+    where: cluster.Where | None = None,
 ) -> TrainResult:
-    """Run one training of `cfg` on the shards under `data_dir`; returns the MLflow run and checkpoints."""
+    """Run one training of `cfg` on the shards under `data_dir`; returns the MLflow run and checkpoints.
+
+    `address`: where to run (`vggdist.cluster`'s rule); `where`: the Ray the caller runs in already (a sweep's
+    stages), which then decides local mode. Raises CheckpointWriteError (one line, exit 1) when the storage
+    cannot take a checkpoint, after marking the MLflow run FAILED with the reason."""
     train_dir, val_dir = data_dirs(data_dir)
     manifest = read_manifest(train_dir)
     num_classes = len(manifest["classes"])
@@ -269,9 +293,9 @@ def train(
     samples = cfg.schedule.samples_per_epoch or int(manifest["num_samples"])
     steps = data.steps_per_epoch(samples, plan.global_batch_size)
 
-    ensure_ray(address)
+    where, local_mode = ray_fit.where_to_train(cfg, address, where)
     uri = tracking.tracking_uri()
-    tracking.check_uri_for_cluster(uri, alive_nodes())
+    tracking.check_uri_for_cluster(uri, where.nodes)
     storage = storage_path(cfg)
     tracking.replay_pending(storage)  # runs of this storage an earlier outage left spooled
     tracking.check_reachable(uri)  # creating the run needs MLflow: fail now, before anything ran
@@ -289,6 +313,7 @@ def train(
         runmeta.TAG_CODE_VERSION: runmeta.code_version(),
         runmeta.TAG_RAY_RUN_NAME: run_name,
         runmeta.TAG_STORAGE: run_dir,
+        runmeta.TAG_RAY: where.describe(),
         **({runmeta.TAG_STAGE: stage} if stage else {}),
         **({runmeta.TAG_INIT_FROM: init_from_run} if init_from_run else {}),
         **(extra_tags or {}),
@@ -307,6 +332,8 @@ def train(
     tracker.log_params(
         {
             **cfg.flat(),
+            # the name the run goes by, given or made up: what a rerun passes as --run-name to resume it
+            "run.run_name": run_name,
             "data.dir": str(Path(data_dir).resolve()),
             "data.num_classes": num_classes,
             "data.train_samples": manifest["num_samples"],
@@ -327,9 +354,10 @@ def train(
         steps,
         plan.global_batch_size,
     )
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    if not cfg.run.run_name:
+        log.info(
+            "run name %s: if this command stops, rerun it with --run-name %s to resume", run_name, run_name
+        )
 
     settings = WorkerSettings(
         config=cfg,
@@ -343,43 +371,31 @@ def train(
         spool_dir=tracker.spool_dir,
         init_checkpoint=init_checkpoint,
         storage_root=run_dir,
-    )
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"settings": settings},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.workers,
-            use_gpu=cfg.run.gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.run.keep_checkpoints,
-                checkpoint_score_attribute="score",
-                checkpoint_score_order="max",
-            ),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
+        local_mode=local_mode,
     )
     try:
-        result = trainer.fit()
+        fitted = ray_fit.fit(
+            _worker_loop,
+            {"settings": settings},
+            cfg,
+            run_name=run_name,
+            storage=storage,
+            local_mode=local_mode,
+        )
     except BaseException as e:
         tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    if result.error is not None:
-        tracker.end("FAILED")
-        raise RuntimeError(f"training run {run_name} failed: {result.error}")
-    best = result.get_best_checkpoint(metric="score", mode="max") if result.best_checkpoints else None
+    rv = fitted.return_value
+    if rv.get("error"):
+        failure = checkpoint_store.CheckpointWriteError.from_dict(rv["error"])
+        raise ray_fit.stopped(tracker, uri, run_name, run_dir, failure)
     out = TrainResult(
         run_id=tracker.run_id,
         run_name=run_name,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
-        best_checkpoint=best.path if best else None,
-        metrics=(result.return_value or {}).get("metrics", {}),
-        warning=(result.return_value or {}).get("warning"),
+        checkpoint=fitted.checkpoint,
+        best_checkpoint=fitted.best_checkpoint,
+        metrics=rv.get("metrics", {}),
+        warning=rv.get("warning"),
         run_dir=run_dir,
     )
     tracker.set_tags(

@@ -41,6 +41,8 @@ TAG_RAY_RUN_NAME = "vggdist.ray_run_name"  # rerunning with this name resumes th
 TAG_STORAGE = "vggdist.storage"  # the run's Ray storage directory
 TAG_WARNING = "vggdist.warning"  # a training-health warning (e.g. the stall guard's), in words
 TAG_LR_SCHEDULE = "vggdist.lr_schedule"  # JSON list of the lr schedule's decisions, each with its reason
+TAG_RAY = "vggdist.ray"  # where it ran, as the command's first line says: "local, 2 CPUs", "cluster at …"
+TAG_FAILURE = "vggdist.failure"  # why a FAILED run stopped, in one line (e.g. its storage is full)
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # nests a sweep stage under the sweep run (MLflow's own tag)
 # A sweep: its parent run and the stages' child runs.
 TAG_SWEEP = "vggdist.sweep"  # SWEEP_PARENT on the sweep's run; the parent run id on its children

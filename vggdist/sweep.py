@@ -1,9 +1,12 @@
 """`vggdist sweep`: a plan (`vggdist.plan`) run as one job, a DAG of training runs under one MLflow parent run.
 
 Stages whose dependencies are done run concurrently, as many at a time as the cluster has room for (each stage is a
-Ray task that starts its own TorchTrainer, then evaluates its run). Rerunning the sweep with the same name skips
-stages whose MLflow child run is FINISHED and evaluated, and resumes an interrupted one (same Ray run name → latest
-checkpoint, same MLflow run). When every stage is done, the plan's fusion groups are evaluated (Table 6).
+Ray task that trains its run, then evaluates it). The sweep starts or joins Ray once (`vggdist.cluster`), and every
+stage runs in that Ray: on a private local Ray a one-worker stage trains inside its own task (Ray Train's local
+mode, `vggdist.ray_fit`; the task holds the worker's CPUs or GPU), so no stage pays for a Ray Train controller and
+worker group. Rerunning the sweep with the same name skips stages whose MLflow child run is FINISHED and
+evaluated, and resumes an interrupted one (same run name → newest whole checkpoint, same MLflow run). When every
+stage is done, the plan's fusion groups are evaluated (Table 6).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import ray
 
-from vggdist import runmeta, tracking
+from vggdist import cluster, runmeta, tracking
 from vggdist.config import Config
 from vggdist.plan import Plan, Stage, builtin_plan, plan_to_yaml, stage_config
 
@@ -26,7 +29,13 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 def _run_stage(
-    cfg: Config, data_dir: str, stage: Stage, init_from: str | None, parent_run_id: str, uri: str
+    cfg: Config,
+    data_dir: str,
+    stage: Stage,
+    init_from: str | None,
+    parent_run_id: str,
+    uri: str,
+    where: cluster.Where,
 ) -> dict[str, Any]:
     """A stage as a Ray task: train (or resume), then evaluate; returns the child run id and checkpoint."""
     import os
@@ -38,7 +47,7 @@ def _run_stage(
     if init_from:
         cfg = replace(cfg, run=replace(cfg.run, init_from=init_from))
     tags = {runmeta.TAG_SWEEP: parent_run_id, runmeta.TAG_TRAIN_SCALE: stage.scale_label}
-    result = train(cfg, data_dir, stage=stage.key, parent_run_id=parent_run_id, extra_tags=tags)
+    result = train(cfg, data_dir, stage=stage.key, parent_run_id=parent_run_id, extra_tags=tags, where=where)
     # a checkpoint path needs no MLflow read, so a stage goes on through an MLflow outage
     evaluate(
         result.checkpoint or result.run_id,
@@ -129,14 +138,14 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results."""
     from vggdist.ray_eval import evaluate_fusion
-    from vggdist.ray_setup import ensure_ray
+    from vggdist.ray_fit import use_local_mode
     from vggdist.ray_train import storage_path
     from vggdist.shardformat import data_dirs
 
     p = builtin_plan(plan)
     data_dirs(data_dir)  # fail early with the preprocessing hint
     sweep_name = sweep_name or f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ensure_ray(address)
+    where = cluster.connect(address)  # once for the whole sweep: every stage runs in this Ray
     uri = tracking.tracking_uri()
     configs = {
         s.key: stage_config(
@@ -174,8 +183,15 @@ def run_sweep(
         for s in ready[: max(0, limit - len(running))]:
             pending.remove(s)
             init_ckpt = results[s.init_from]["checkpoint"] if s.init_from else None
-            ref = _run_stage.remote(
-                configs[s.key], str(Path(data_dir).resolve()), s, init_ckpt, parent.run_id, uri
+            cfg = configs[s.key]
+            # a stage in local mode trains in its own task: that task holds what its one worker would
+            held = (
+                {"num_cpus": 0 if gpu else cfg.run.cpus_per_worker, "num_gpus": 1 if gpu else 0}
+                if use_local_mode(cfg, where)
+                else {}
+            )
+            ref = _run_stage.options(**held).remote(
+                cfg, str(Path(data_dir).resolve()), s, init_ckpt, parent.run_id, uri, where
             )
             running[ref] = s
             log.info("sweep %s: started stage %s", sweep_name, s.key)

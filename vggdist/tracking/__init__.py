@@ -40,6 +40,7 @@ from vggdist.runmeta import (  # noqa: E402, F401 - re-exported: tracking.TAG_CO
 from vggdist.tracking.client import (  # noqa: E402
     check_reachable,
     check_uri_for_cluster,
+    end_run_now,
     is_local_uri,
     tracking_uri,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "Tracker",
     "check_reachable",
     "check_uri_for_cluster",
+    "end_run_now",
     "code_version",
     "download_artifact",
     "eval_metric_name",
