@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ and print one combined summary (`make bench` = ``bench/run_all.py --quick``).
 
-Each of preprocess.py, loader.py, train_step.py, allreduce.py and eval.py that exists runs in its own
+Each of preprocess.py, loader.py, train_step.py, allreduce.py, eval.py and startup.py that exists runs in its own
 subprocess (so one benchmark's threads, memory and torch settings cannot skew the next), with ``--quick`` when
 given and ``--json DIR/<name>.json``; its own table streams through as it runs. The summary lists every row
 (ratio > 1: ours is better) and the wall time of each benchmark. Exit status 1 if any benchmark crashed or
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Timer  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("preprocess", "loader", "train_step", "allreduce", "eval")
+BENCHMARKS = ("preprocess", "loader", "train_step", "allreduce", "eval", "startup")
 
 
 def run_one(name: str, quick: bool, out_dir: Path) -> tuple[int, float, list[dict]]:

@@ -27,10 +27,14 @@ def free_port() -> int:
 
 
 class RayCluster:
-    def __init__(self, num_cpus: int = 2, dashboard: bool = True):
-        self.temp_dir = tempfile.mkdtemp(
-            prefix="vgr", dir="/tmp"
-        )  # short: Ray's socket paths are length-limited
+    """`temp_dir`: Ray's temp dir for the head (default: a new short one). `ray start` records the cluster in
+    `<temp_dir>/ray_current_cluster`: with `temp_dir=<T>/ray`, a process whose RAY_TMPDIR is `<T>` sees this
+    cluster as "the cluster recorded on this machine", as a user's processes see one under /tmp/ray."""
+
+    def __init__(self, num_cpus: int = 2, dashboard: bool = True, temp_dir: str | None = None):
+        # short: Ray's socket paths are length-limited
+        self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="vgr", dir="/tmp")
+        os.makedirs(self.temp_dir, exist_ok=True)
         self.port = free_port()
         self.dashboard_port = free_port() if dashboard else None
         self.env = {
@@ -94,10 +98,21 @@ class RayCluster:
             time.sleep(1)
         raise TimeoutError(f"only {sum(1 for node in ray.nodes() if node['Alive'])} of {n} Ray nodes came up")
 
+    def _mine(self) -> list[int]:
+        marks = (self.temp_dir, f":{self.port}", f"={self.port}")
+        return [pid for pid, cmd in _processes() if pid != os.getpid() and any(m in cmd for m in marks)]
+
+    def kill(self) -> None:
+        """SIGKILL every process of this cluster at once, as an OOM kill would: its record stays behind."""
+        for pid in self._mine():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         """Kill this cluster's processes only (matched by temp dir or GCS port), then remove its temp dir."""
-        marks = (self.temp_dir, f":{self.port}", f"={self.port}")
-        mine = [pid for pid, cmd in _processes() if pid != os.getpid() and any(m in cmd for m in marks)]
+        mine = self._mine()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in mine:
                 try:

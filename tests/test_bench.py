@@ -51,6 +51,14 @@ def test_eval_smoke(tmp_path):
     assert row["ratio"] > 1.5  # 6 dense passes per image vs 150 crop passes: dense must be cheaper
 
 
+@pytest.mark.slow
+def test_startup_smoke(tmp_path):
+    rows = {r["name"]: r for r in _run("startup", tmp_path)}
+    assert set(rows) == {"1 worker: wall", "1 worker: epoch", "1 worker: fixed start-up"}
+    wall, epoch = rows["1 worker: wall"], rows["1 worker: epoch"]
+    assert wall["unit"] == "s" and epoch["ours"] < wall["ours"] and epoch["baseline"] < wall["baseline"]
+
+
 def test_run_all_collects_rows_and_fails_on_a_crash(tmp_path, monkeypatch, capsys):
     bench = tmp_path / "bench"
     bench.mkdir()

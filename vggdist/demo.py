@@ -116,9 +116,9 @@ def run_demo(
     from vggdist import cluster
 
     t0 = time.perf_counter()
-    src = find_fashion_mnist(fashion_mnist)
     target = cluster.resolve(address)  # a wrong address fails here, before anything is written
     cluster.check(target)
+    src = find_fashion_mnist(fashion_mnist)
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
