@@ -123,8 +123,9 @@ def run_demo(
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # one Ray for every step: preprocessing's shard tasks, the sweep's stages and their evaluation
-    cluster.connect(target, num_cpus=2 if target.local else None)
+    # one Ray for every step: preprocessing's shard tasks, the sweep's stages and their evaluation (one worker
+    # each: Ray Train's local mode inside the stage's task, so no dashboard is needed for Ray Train)
+    cluster.connect(target, num_cpus=2 if target.local else None, include_dashboard=False)
     per_class = train_per_class or (100 if quick else 800)
     val_per_class = 20 if quick else 50
 

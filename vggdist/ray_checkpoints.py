@@ -93,6 +93,15 @@ class EpochCheckpoints:
             log.error("rank %d: %s", self.rank, self.failure)
         return True
 
+    def guard(self, call: Callable[..., Any], *args: Any, path: str) -> None:
+        """`call(*args)` (a tracking call: the spool lives in the storage too); an error no retry fixes is recorded
+        for the epoch end to stop the run, not raised into Ray Train's restarts."""
+        try:
+            call(*args)
+        except OSError as e:
+            if not self.note(e, path):
+                raise
+
     def save(self, name: str, metrics: dict[str, float], write: Callable[[str], Any]) -> str | None:
         """Rank 0: `write(dir)` the checkpoint, persist it as `<storage root>/<name>`; every rank: agree on
         failure (raises Stop), then report `metrics` (with the checkpoint on rank 0). Returns the checkpoint's

@@ -77,7 +77,7 @@ def evaluate(
     ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str, "run_id":
     the evaluated run or None, "outcomes": each image's hits per (protocol, scales), in manifest order}.
     """
-    cluster.connect(address)
+    cluster.connect(address, include_dashboard=False)  # plain tasks: no Ray Train, no dashboard needed
     uri = tracking.tracking_uri()
     val_dir = split_dir(data_dir, split)
     members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]

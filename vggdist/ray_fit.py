@@ -150,8 +150,7 @@ def _fit_local(worker_loop, loop_config, cfg: Config, *, run_name: str, storage:
     from ray.train.torch import TorchTrainer
 
     threads = torch.get_num_threads()
-    if not cfg.run.gpu:  # the CPUs a Ray Train worker would get (Ray sets OMP_NUM_THREADS from them)
-        torch.set_num_threads(cfg.run.cpus_per_worker)
+    torch.set_num_threads(cfg.run.cpus_per_worker)  # what a Ray Train worker gets (Ray sets OMP_NUM_THREADS)
     try:
         for attempt in range(cfg.run.max_failures + 1):
             trainer = TorchTrainer(

@@ -19,6 +19,7 @@ run at once with one line (`checkpoint_store.CheckpointWriteError`), without Ray
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -162,8 +163,9 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
         if rank == 0
         else tracking.NullTracker()
     )
+    spooled = functools.partial(checkpoints.guard, path=ws.spool_dir)  # rank 0's tracking calls
     if mapping and resumed is None:
-        tracker.set_tags({runmeta.TAG_INIT_MAPPING: json.dumps(mapping)})
+        spooled(tracker.set_tags, {runmeta.TAG_INIT_MAPPING: json.dumps(mapping)})
     placement = {
         "rank": rank,
         "node_rank": ctx.get_node_rank(),
@@ -174,7 +176,7 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
     if world > 1:
         everyone = [None] * world
         torch.distributed.all_gather_object(everyone, placement)
-    tracker.set_tags({runmeta.TAG_WORKERS: json.dumps(everyone)})  # where each rank ran (node rank, address)
+    spooled(tracker.set_tags, {runmeta.TAG_WORKERS: json.dumps(everyone)})  # where each rank ran
 
     def train_batches(epoch: int):
         torch.manual_seed(
@@ -241,27 +243,14 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
             spooled(tracker.sync)  # the epoch's metrics survive a crash of this machine
         _maybe_fail(lp.epoch, rank)
 
-    def spooled(call, *args) -> None:
-        """A tracking call on rank 0; a full or read-only storage (the spool lives there) stops the run at the
-        next epoch end instead of restarting the worker group."""
-        try:
-            call(*args)
-        except OSError as e:
-            if not checkpoints.note(e, tracker.spool_dir or ws.storage_root):
-                raise
-
     def log_step(m: dict[str, float], step: int) -> None:
         spooled(tracker.log_metrics, m, step)
 
     try:
         loop.fit(train_batches, val_batches if ws.val_dir else None, on_epoch_end, log_fn=log_step)
     except Stop:
-        pass
-    try:
-        tracker.close()
-    except OSError as e:
-        if not checkpoints.note(e, tracker.spool_dir or ws.storage_root):
-            raise
+        pass  # a storage failure: every rank leaves here; rank 0 returns it
+    spooled(tracker.close)
     failure = checkpoints.failure
     return {
         "metrics": last,

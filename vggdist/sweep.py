@@ -145,8 +145,6 @@ def run_sweep(
     p = builtin_plan(plan)
     data_dirs(data_dir)  # fail early with the preprocessing hint
     sweep_name = sweep_name or f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    where = cluster.connect(address)  # once for the whole sweep: every stage runs in this Ray
-    uri = tracking.tracking_uri()
     configs = {
         s.key: stage_config(
             p,
@@ -159,6 +157,11 @@ def run_sweep(
         )
         for s in p.stages
     }
+    # once for the whole sweep: every stage runs in this Ray. Ray Train's placement-group cleaner polls the
+    # dashboard's state API, so a private local Ray gets one only when a stage needs Ray Train workers.
+    trains_on_workers = any(not use_local_mode(c, cluster.Where("local")) for c in configs.values())
+    where = cluster.connect(address, include_dashboard=None if trains_on_workers else False)
+    uri = tracking.tracking_uri()
     first = next(iter(configs.values())).run
     storage = storage_path(next(iter(configs.values())))
     # before reading which stages are done: an earlier outage may have left their results spooled
@@ -166,6 +169,7 @@ def run_sweep(
     tracking.check_reachable(uri)
     parent_spool = tracking.spool_dir(f"{storage}/sweep-{sweep_name}")
     parent = _parent_run(experiment, sweep_name, p, uri, parent_spool, first.mlflow_wait_s)
+    parent.set_tags({runmeta.TAG_RAY: where.describe()})  # this time's, when a rerun resumes elsewhere
     done = _finished_children(parent.run_id, experiment, uri)
     results: dict[str, dict] = {
         k: {"run_id": r["run_id"], "checkpoint": r["tags"].get(runmeta.TAG_CHECKPOINT)}
@@ -186,7 +190,7 @@ def run_sweep(
             cfg = configs[s.key]
             # a stage in local mode trains in its own task: that task holds what its one worker would
             held = (
-                {"num_cpus": 0 if gpu else cfg.run.cpus_per_worker, "num_gpus": 1 if gpu else 0}
+                {"num_cpus": cfg.run.cpus_per_worker, "num_gpus": 1 if gpu else 0}
                 if use_local_mode(cfg, where)
                 else {}
             )
