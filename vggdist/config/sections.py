@@ -1,23 +1,14 @@
-"""Typed, frozen configuration for every stage: the paper's protocol (§3.1 training, §3.2 testing) as defaults.
+"""The six frozen sections of a config (model, data, optim, schedule, eval, run) and their checks.
 
-A `Config` is five frozen dataclasses (model, data, optim, schedule, eval) plus `run` (how and where it runs).
-Presets are functions (`preset("paper")`, `preset("mini")`, and He et al. 2016's `preset("resnet-paper")`,
-`preset("resnet-mini")`); YAML is how a config is saved and loaded, not where defaults live; `--set
-optim.lr=0.005` overrides are type-checked against the field and refuse unknown keys.
+Defaults are the paper's protocol (§3.1 training, §3.2 testing); each `__post_init__` refuses a bad value with a
+message that names the fix. `vggdist.config.root` puts the sections together, `vggdist.config.presets` fills
+them for the mini and He et al. recipes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
-import types
-import typing
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any
-
-import yaml
+from dataclasses import dataclass
 
 from vggdist import paper, resnet_paper
 from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
@@ -36,6 +27,14 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def default_preset(model: str) -> str:
+    """The preset that trains ``model`` by its paper: ``paper`` for VGG, ``resnet-paper`` for He et al.'s
+    ImageNet nets (plain-/resnet-18, -34), ``resnet-mini`` for their CIFAR nets (plain-/resnet-20, -56)."""
+    if model not in RESNET_CONFIG_NAMES:
+        return "paper"
+    return "resnet-paper" if resnet_paper.layout_of(model).scale == "paper" else "resnet-mini"
 
 
 @dataclass(frozen=True)
@@ -315,257 +314,3 @@ class RunConfig:
     @property
     def use_channels_last(self) -> bool:
         return self.gpu if self.channels_last is None else self.channels_last
-
-
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def __post_init__(self) -> None:
-        _check(
-            not (self.model.family != "vgg" and self.run.init == "from-shallower"),
-            f"--init from-shallower is VGG's staged start from net A (§3.1); {self.model.name} trains from "
-            "scratch with --init he (or continues a run with --init resume-weights)",
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """{'optim.lr': 0.01, 'data.scale_jitter': None, ...}: the MLflow params of a run."""
-        return {f"{section}.{k}": v for section, sub in self.to_dict().items() for k, v in sub.items()}
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> Config:
-        unknown = set(d) - {f.name for f in fields(Config)}
-        _check(
-            not unknown,
-            f"unknown config sections {sorted(unknown)}; valid: {[f.name for f in fields(Config)]}",
-        )
-        base = Config()
-        kwargs = {}
-        for f in fields(Config):
-            section = getattr(base, f.name)
-            values = d.get(f.name) or {}
-            kwargs[f.name] = _replace_checked(section, f.name, values)
-        return Config(**kwargs)
-
-    @staticmethod
-    def load(path: str | Path) -> Config:
-        return Config.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def override(self, assignments: list[str]) -> Config:
-        """Apply `section.key=value` strings (the CLI's --set), type-checked against the field."""
-        by_section: dict[str, dict[str, Any]] = {}
-        for a in assignments:
-            key, sep, raw = a.partition("=")
-            section, dot, name = key.strip().partition(".")
-            _check(bool(sep and dot), f"--set {a!r}: expected section.key=value, e.g. --set optim.lr=0.005")
-            _check(
-                hasattr(self, section) and dataclasses.is_dataclass(getattr(self, section)),
-                f"--set {a!r}: unknown section {section!r}; valid: {[f.name for f in fields(Config)]}",
-            )
-            by_section.setdefault(section, {})[name] = _Raw(raw.strip())
-        # one replace of every section, so cross-section checks see the final values only
-        sections = {s: _replace_checked(getattr(self, s), s, v) for s, v in by_section.items()}
-        return replace(self, **sections)
-
-
-@dataclass(frozen=True)
-class _Raw:
-    """A --set value as typed: parsed only once the field's type is known ('none' is a string for a str field)."""
-
-    text: str
-
-
-def _parse_value(raw: str) -> Any:
-    """'0.005' -> 0.005, '256,512' -> [256, 512], 'none'/'null' -> None, 'true' -> True; YAML scalars otherwise."""
-    if raw.lower() in ("none", "null", "~", ""):
-        return None
-    if "," in raw and not raw.startswith("["):
-        return [_parse_value(p.strip()) for p in raw.split(",")]
-    for number in (int, float):  # YAML 1.1 reads "1e-3" as a string; Python reads it as the number meant
-        try:
-            return number(raw)
-        except ValueError:
-            pass
-    return yaml.safe_load(raw)
-
-
-def _replace_checked(section: Any, section_name: str, values: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(type(section))
-    known = {f.name for f in fields(section)}
-    unknown = set(values) - known
-    _check(
-        not unknown,
-        f"unknown key(s) {sorted(f'{section_name}.{k}' for k in unknown)}; valid: {sorted(known)}",
-    )
-    coerced = {k: _coerce(v, hints[k], f"{section_name}.{k}") for k, v in values.items()}
-    try:
-        return replace(section, **coerced)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
-        raise ConfigError(f"{section_name}: {e}") from e
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check `value` against the field's type hint; convert lists to tuples and ints to floats where the field says so."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if isinstance(value, _Raw):
-        if hint is str:  # a plain string field takes the text as typed, "none" included
-            return value.text
-        optional_str = origin in (typing.Union, types.UnionType) and str in args
-        if optional_str and value.text.lower() not in ("none", "null", "~", ""):
-            return value.text  # e.g. a run id such as 0123 or 1e10 stays a string
-        value = _parse_value(value.text)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            _check(type(None) in args, f"{name} cannot be none")
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], name) for v in value)
-        _check(len(value) == len(args), f"{name} needs {len(args)} values separated by commas, got {value!r}")
-        return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
-    if hint is bool:
-        _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        _check(
-            isinstance(value, int) and not isinstance(value, bool),
-            f"{name} must be an integer, got {value!r}",
-        )
-        return value
-    if hint is float:
-        _check(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{name} must be a number, got {value!r}",
-        )
-        return float(value)
-    if hint is str:
-        _check(isinstance(value, str), f"{name} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def default_preset(model: str) -> str:
-    """The preset that trains ``model`` by its paper: ``paper`` for VGG, ``resnet-paper`` for He et al.'s
-    ImageNet nets (plain-/resnet-18, -34), ``resnet-mini`` for their CIFAR nets (plain-/resnet-20, -56)."""
-    if model not in RESNET_CONFIG_NAMES:
-        return "paper"
-    return "resnet-paper" if resnet_paper.layout_of(model).scale == "paper" else "resnet-mini"
-
-
-def _presets_of(model: str) -> tuple[str, ...]:
-    return ("paper", "mini") if model not in RESNET_CONFIG_NAMES else (default_preset(model),)
-
-
-def preset(name: str, model: str | None = None) -> Config:
-    """`paper`: the protocol exactly as §3.1–§4 (224 crops, S=256, widths 64…512, FC 4096, 74 epochs).
-
-    `mini`: the same protocol at `paper.SCALES["mini"]` (crop 32) so it trains on 2 CPU cores in minutes: S and Q
-    scaled by 32/224, widths divided by 4, FC 256, global batch 64 at the paper's lr 0.01. It is meant for a net
-    trained from scratch on a small dataset, so it departs from the paper where that would stall:
-    - Glorot initialisation (`run.init`, and `run.fill_init` for the layers the staged init leaves random), the
-      paper's footnote: the paper's N(0, 1e-2) start fades through 11+ layers (the signal shrinks ~4x per layer,
-      vggdist.init) and a net trained for minutes never leaves ln(K);
-    - up to 30 epochs, stopping at the first plateau after the last lr drop (`schedule.early_stop`), with the
-      paper's patience of 2 epochs, so a run ends when its validation error stops improving.
-
-    `resnet-paper`: He et al. 2016 §3.4 for the ImageNet nets (plain-18/34, resnet-18/34): SGD with momentum 0.9,
-    weight decay 1e-4, global batch 256, lr 0.1 ÷10 on a plateau, no dropout, He init, BN after every conv;
-    S ∈ [256, 480] (scale jitter), 224 crops, colour shift; validation on the 224 centre crop at Q=256 (the
-    scale of the paper's 10-crop test); test scales Q ∈ {224, 256, 384, 480, 640} for the fully-convolutional
-    (dense) test; 120 epochs ("up to 60×10^4 iterations" of 256 images over 1.28M). Shortcut option A.
-
-    `resnet-mini`: the same at crop 32 for the CIFAR nets (plain-/resnet-20, -56; §4.2): S and Q scaled by
-    32/224 (S ∈ [37, 69], Q ∈ {32, 37, 55, 69, 91}, validation at 37) like `mini`, and §4.2's CIFAR recipe:
-    global batch 128, lr 0.1, weight decay 1e-4, momentum 0.9, option A; `mini`'s schedule (up to 30 epochs,
-    early stop). On 2 CPU cores resnet-20 costs ~41M MACs per image (forward), resnet-56 ~125M (VGG mini A
-    ~10M): an epoch of a few thousand images takes a minute or so.
-
-    ``model`` defaults to the preset's usual net (A, resnet-34, resnet-20); a net the preset does not train
-    is refused with the preset that does (`default_preset`).
-    """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
-    model = model or {"paper": "A", "mini": "A", "resnet-paper": "resnet-34", "resnet-mini": "resnet-20"}[name]
-    _check(
-        model in CONFIG_NAMES,
-        f"unknown network {model!r}; use a VGG configuration ({', '.join(VGG_CONFIG_NAMES)}) or a He et al. "
-        f"2016 network ({', '.join(RESNET_CONFIG_NAMES)})",
-    )
-    _check(
-        name in _presets_of(model),
-        f"--preset {name} does not train {model}; use --preset {' or '.join(_presets_of(model))}",
-    )
-    if name == "paper":
-        return Config(model=ModelConfig(name=model))
-    if name == "mini":
-        scale = paper.SCALES["mini"]
-        crop = scale["crop_size"]
-        return Config(
-            model=ModelConfig(name=model, widths=scale["widths"], fc_width=scale["fc_width"]),
-            data=DataConfig(
-                crop_size=crop, train_scale=paper.to_crop(256, crop), loader_workers=1, shuffle_buffer=500
-            ),
-            optim=OptimConfig(lr=0.01, global_batch_size=64),
-            schedule=ScheduleConfig(epochs=30, plateau_patience=2, early_stop=True),
-            eval=EvalConfig(
-                test_scales=tuple(paper.to_crop(q, crop) for q in paper.MULTISCALE_Q), batch_size=64
-            ),
-            run=RunConfig(log_every_steps=20, init="glorot", fill_init="glorot"),
-        )
-    return _resnet_preset(name, model)
-
-
-def _resnet_preset(name: str, model: str) -> Config:
-    """`resnet-paper` / `resnet-mini` (see `preset`): one recipe, two crops."""
-    mini = name == "resnet-mini"
-    crop = resnet_paper.layout_of(model).crop_size
-    lo, hi = (paper.to_crop(s, crop) for s in resnet_paper.TRAIN_SCALE_JITTER)
-    q = paper.to_crop(256, crop)  # the single-crop / 10-crop test scale
-    return Config(
-        model=ModelConfig(
-            name=model,
-            widths=resnet_paper.layout_of(model).widths,
-            fc_width=0,  # unused: one FC layer on the pooled features
-            batch_norm=True,
-            dropout=0.0,
-        ),
-        data=DataConfig(
-            crop_size=crop,
-            train_scale=lo,
-            scale_jitter=(lo, hi),
-            val_scale=q,
-            **(dict(loader_workers=1, shuffle_buffer=500) if mini else {}),
-        ),
-        optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, global_batch_size=128 if mini else 256),
-        # mini: the mini preset's schedule (up to 30 epochs, early stop on the last plateau)
-        schedule=ScheduleConfig(epochs=30, plateau_patience=2, early_stop=True)
-        if mini
-        else ScheduleConfig(epochs=120),
-        eval=EvalConfig(
-            protocols=("single", "dense"),
-            test_scales=tuple(paper.to_crop(t, crop) for t in resnet_paper.TEST_SCALES),
-            batch_size=64 if mini else 32,
-        ),
-        run=RunConfig(init="he", log_every_steps=20) if mini else RunConfig(init="he"),
-    )
