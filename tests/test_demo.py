@@ -53,6 +53,7 @@ def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
     children = [r for r in runs if r["tags"].get("vggdist.sweep") == parent["run_id"]]
     assert sorted(r["tags"]["vggdist.stage"] for r in children) == [
         "1-A-S256",
+        "1-D-S256-random",
         "2-B-S256",
         "2-D-S256",
         "4-D-S256-512",

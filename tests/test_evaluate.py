@@ -370,3 +370,37 @@ def test_bn_net_evaluation_is_deterministic_and_independent_of_the_batch_split(r
     x = torch.stack([center_crop(im, CROP) for im in images])
     with torch.no_grad():
         assert not torch.allclose(training(x[:2]), training(x)[:2])
+
+
+def test_multicrop_on_a_stated_subset_scores_the_same_images_for_every_run(model):
+    """eval.multicrop_fraction: multi-crop and combined score the key-hash subset only, dense every image; the
+    subset rows equal a full evaluation restricted to those images, and another batch split picks the same ones."""
+    from vggdist.outcomes import in_subset
+
+    images = _images(*SIZES, (36, 36), seed=7)
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    keys = [f"fmnist/{i:05d}" for i in range(6)]
+    chosen = [in_subset(k, 0.5) for k in keys]
+    assert 0 < sum(chosen) < 6  # the fixture keys make a proper subset
+    net = EvalNet.of(model, CROP)
+    full = evaluate_images([net], images, labels, keys, scales=(36, 44))
+    part = evaluate_images([net], images, labels, keys, scales=(36, 44), multicrop_fraction=0.5)
+    assert list(part.top1) == list(full.top1)  # the same settings, in the same order
+    for k in full.top1:
+        if k.protocol in ("multicrop", "combined"):
+            assert part.scored[k].tolist() == chosen
+            assert part.top1[k][chosen].tolist() == full.top1[k][chosen].tolist()
+            assert not part.top1[k][~torch.tensor(chosen).numpy()].any()
+            assert part.counts()[k].n == sum(chosen)
+        else:
+            assert k not in part.scored and part.top1[k].tolist() == full.top1[k].tolist()
+            assert part.counts()[k] == full.counts()[k]
+    split = Outcomes.concat(
+        [
+            evaluate_images([net], images[:1], labels[:1], keys[:1], scales=(36, 44), multicrop_fraction=0.5),
+            evaluate_images([net], images[1:], labels[1:], keys[1:], scales=(36, 44), multicrop_fraction=0.5),
+        ]
+    )
+    assert split.counts() == part.counts()
+    assert all(split.scored[k].tolist() == part.scored[k].tolist() for k in part.scored)
+    assert abs(sum(in_subset(f"k{i}", 0.25) for i in range(4000)) / 4000 - 0.25) < 0.03

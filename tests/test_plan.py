@@ -64,8 +64,52 @@ def test_plan_yaml_round_trip_and_errors(tmp_path):
         Plan("bad", "mini", (Stage("a", "A", (256,)), Stage("a", "B", (256,))))
     with pytest.raises(ValueError, match="unknown stages"):
         Plan("bad", "mini", (Stage("a", "A", (256,)),), fusion=(("a", "z"),))
-    with pytest.raises(ValueError, match="use paper, mini, or a plan YAML"):
+    with pytest.raises(ValueError, match="use paper, mini, study, or a plan YAML"):
         builtin_plan("nonexistent.yaml")
     (tmp_path / "broken.yaml").write_text("stages:\n  - {config: A}\n")
     with pytest.raises(ValueError, match="each stage needs key, config, train_scale"):
         load_plan(tmp_path / "broken.yaml")
+
+
+def test_demo_and_study_plans_measure_every_claim_with_controlled_pairs():
+    """Each paper claim of the findings needs its pair of stages; the pairs differ in one thing only."""
+    for name in ("mini", "study"):
+        p = builtin_plan(name)
+        by_key = {s.key: s for s in p.stages}
+        assert p.preset == "mini"
+        # depth: A, B and D at S=256, the deeper ones from A
+        assert {"1-A-S256", "2-B-S256", "2-D-S256"} <= set(by_key)
+        # staged init vs random init: the same net, scale and epochs, only the initialisation differs
+        staged, scratch = by_key["2-D-S256"], by_key["1-D-S256-random"]
+        assert (staged.init, staged.init_from) == ("from-shallower", "1-A-S256")
+        assert (scratch.init, scratch.init_from) == ("glorot", None)
+        assert (scratch.config, scratch.train_scale, scratch.epochs) == (
+            staged.config,
+            staged.train_scale,
+            staged.epochs,
+        )
+        # jittered D and the Table-5 protocols (dense vs multi-crop vs combined on the same run)
+        jitter = by_key["4-D-S256-512"]
+        assert jitter.train_scale == (256, 512) and set(jitter.protocols) == {
+            "dense",
+            "multicrop",
+            "combined",
+        }
+        assert p.fusion and all(k in by_key for g in p.fusion for k in g)
+    study = builtin_plan("study")
+    keys = {s.key for s in study.stages}
+    assert {f"2-{c}-S256" for c in ("A-LRN", "B", "C", "D", "E")} <= keys
+    for c in ("C", "D", "E"):  # fixed-S twin and jittered run: same init, lr, epochs; only S differs
+        fixed = next(s for s in study.stages if s.key == f"3-{c}-S256-ft")
+        jit = next(s for s in study.stages if s.key == f"4-{c}-S256-512")
+        assert (
+            (fixed.init_from, fixed.lr, fixed.epochs)
+            == (jit.init_from, jit.lr, jit.epochs)
+            == (
+                f"2-{c}-S256",
+                1e-3,
+                jit.epochs,
+            )
+        )
+        assert fixed.train_scale == (256,) and jit.train_scale == (256, 512)
+    assert study.fusion == (("4-D-S256-512", "4-E-S256-512"),)

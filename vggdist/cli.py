@@ -297,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="the paper's staged plan (§3.1, §4) as one job under an MLflow parent run"
     )
     s.add_argument("--data", required=True)
-    s.add_argument("--plan", default="paper", help="paper, mini, or a plan YAML file")
+    s.add_argument(
+        "--plan",
+        default="paper",
+        help="paper, mini (the demo's), study (the reduced-scale reproduction), or a plan YAML file",
+    )
     s.add_argument("--workers", type=int, help="Ray Train workers per training run")
     s.add_argument("--gpu", action="store_true")
     s.add_argument("--experiment", default=DEFAULT_EXPERIMENT)

@@ -52,8 +52,10 @@ def evaluate_shard_slice(
     scales: Sequence[int],
     images_per_batch: int = 16,
     device: str = "cpu",
+    multicrop_fraction: float = 1.0,
 ) -> Outcomes:
-    """Rank `rank`'s share of the validation images, scored by the fusion of `checkpoints` (one: no fusion)."""
+    """Rank `rank`'s share of the validation images, scored by the fusion of `checkpoints` (one: no fusion);
+    multi-crop and combined on the stated subset `multicrop_fraction` (`vggdist.outcomes.in_subset`)."""
     nets = [load_eval_net(c, device) for c in checkpoints]
     crops = {n.crop for n in nets}
     if len(crops) != 1:
@@ -66,7 +68,15 @@ def evaluate_shard_slice(
     def flush() -> None:
         if images:
             parts.append(
-                evaluate_images(nets, images, torch.cat(labels), keys, protocols=protocols, scales=scales)
+                evaluate_images(
+                    nets,
+                    images,
+                    torch.cat(labels),
+                    keys,
+                    protocols=protocols,
+                    scales=scales,
+                    multicrop_fraction=multicrop_fraction,
+                )
             )
             images.clear()
             labels.clear()

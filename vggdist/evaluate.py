@@ -28,10 +28,12 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from vggdist.dense import to_dense
-from vggdist.outcomes import EvalKey, Outcomes, eval_keys
+from vggdist.outcomes import EvalKey, Outcomes, eval_keys, subset_mask
 from vggdist.runmeta import COMBINED, DENSE, MULTICROP, PROTOCOLS, SINGLE
 
 logger = logging.getLogger(__name__)
+
+SUBSET_PROTOCOLS = (MULTICROP, COMBINED)  # what `EvalConfig.multicrop_fraction` may restrict to a subset
 
 __all__ = [
     "EvalNet",
@@ -361,11 +363,14 @@ def evaluate_images(
     scales: Sequence[int],
     grid: int = 5,
     batch_size: int = 64,
+    multicrop_fraction: float = 1.0,
 ) -> Outcomes:
     """Score a batch of images under every protocol at every test scale and over all scales (`eval_keys`).
 
-    With several `nets` their posteriors are averaged first (ConvNet fusion, Table 6). Returns each image's
-    top-1 / top-5 hit per setting, keyed by `sample_keys`; `Outcomes.counts()` gives the error rates.
+    With several `nets` their posteriors are averaged first (ConvNet fusion, Table 6). Multi-crop and combined
+    score only the images `in_subset(key, multicrop_fraction)` (all of them at 1.0); the others every image.
+    Returns each image's top-1 / top-5 hit per setting, keyed by `sample_keys` (with the scored mask of the
+    subset settings); `Outcomes.counts()` gives the error rates.
     """
     if not nets:
         raise ValueError("evaluate_images needs at least one network")
@@ -373,14 +378,33 @@ def evaluate_images(
         raise ValueError(f"got {len(images)} images, {len(labels)} labels and {len(sample_keys)} keys")
     eval_keys(protocols, scales)  # checks both
     qs = tuple(int(q) for q in scales)
-    per_net = [protocol_posteriors(n, images, protocols, qs, grid=grid, batch_size=batch_size) for n in nets]
-    top1, top5 = {}, {}
-    for p in protocols:
-        fused = [fuse([post[p][i] for post in per_net]) for i in range(len(qs))]  # one (N, K) per Q
-        posteriors = {EvalKey(p, (q,)): f for q, f in zip(qs, fused, strict=True)}
-        if len(qs) > 1:
-            posteriors[EvalKey(p, qs)] = multiscale(fused)  # Table 4: the average over the scales
-        for key, post in posteriors.items():
-            hits = topk_hits(post, labels)
-            top1[key], top5[key] = hits[1], hits[5]
-    return Outcomes(list(sample_keys), top1, top5)
+    costly = [p for p in protocols if p in SUBSET_PROTOCOLS] if multicrop_fraction < 1.0 else []
+    mask = subset_mask(sample_keys, multicrop_fraction) if costly else np.ones(len(images), dtype=bool)
+    top1, top5, scored = {}, {}, {}
+    everything = np.ones(len(images), dtype=bool)
+    for group, chosen, on_subset in (
+        ([p for p in protocols if p not in costly], everything, False),
+        (costly, mask, True),
+    ):
+        if not group:
+            continue
+        if not chosen.any():  # no image of this batch is in the subset
+            for key in eval_keys(group, qs):
+                top1[key], top5[key], scored[key] = (np.zeros(len(images), dtype=bool) for _ in range(3))
+            continue
+        idx = np.flatnonzero(chosen)
+        sub = [images[i] for i in idx]
+        per_net = [protocol_posteriors(n, sub, group, qs, grid=grid, batch_size=batch_size) for n in nets]
+        for p in group:
+            fused = [fuse([post[p][i] for post in per_net]) for i in range(len(qs))]  # one (N, K) per Q
+            posteriors = {EvalKey(p, (q,)): f for q, f in zip(qs, fused, strict=True)}
+            if len(qs) > 1:
+                posteriors[EvalKey(p, qs)] = multiscale(fused)  # Table 4: the average over the scales
+            for key, post in posteriors.items():
+                hits = topk_hits(post, labels[torch.as_tensor(idx)])
+                top1[key], top5[key] = np.zeros(len(images), dtype=bool), np.zeros(len(images), dtype=bool)
+                top1[key][idx], top5[key][idx] = hits[1], hits[5]
+                if on_subset:
+                    scored[key] = chosen.copy()
+    order = eval_keys(protocols, qs)
+    return Outcomes(list(sample_keys), {k: top1[k] for k in order}, {k: top5[k] for k in order}, scored)

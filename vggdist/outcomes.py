@@ -12,8 +12,9 @@ no torch here, so results can be read and compared without the training stack.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,23 +76,51 @@ class Counts:
         return self._err(self.top5)
 
 
+def in_subset(key: str, fraction: float) -> bool:
+    """Whether sample `key` belongs to the stated `fraction` of the images that an expensive protocol scores.
+
+    A hash of the key, not a random draw: every run, worker and process picks the same images, so two runs
+    scored on the subset are paired image by image, and the subset does not depend on how the images were split.
+    """
+    if fraction >= 1.0:
+        return True
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return h < fraction * 2**64
+
+
+def subset_mask(keys: Sequence[str], fraction: float) -> np.ndarray:
+    """`in_subset` of every key, as a bool array."""
+    return np.fromiter((in_subset(k, fraction) for k in keys), dtype=bool, count=len(keys))
+
+
 @dataclass
 class Outcomes:
     """Per-image results: image i has sample key `keys[i]`; `top1[k][i]` / `top5[k][i]` (bool) say whether it was a
-    top-1 / top-5 hit under setting k. Every array has one entry per key."""
+    top-1 / top-5 hit under setting k. Every array has one entry per key. A setting scored on a subset of the
+    images (`EvalConfig.multicrop_fraction`) has `scored[k]`, True where image i was scored (its hits are False
+    elsewhere); a setting without an entry in `scored` scored every image."""
 
     keys: list[str]
     top1: dict[EvalKey, np.ndarray]
     top5: dict[EvalKey, np.ndarray]
+    scored: dict[EvalKey, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.top1.keys() != self.top5.keys():  # internal invariant
-            raise RuntimeError("top-1 and top-5 outcomes cover different settings")
+        if self.top1.keys() != self.top5.keys() or not self.scored.keys() <= self.top1.keys():
+            raise RuntimeError(
+                "top-1, top-5 and scored outcomes cover different settings"
+            )  # internal invariant
         for k in self.top1:
             if not len(self.top1[k]) == len(self.top5[k]) == len(self.keys):
                 raise RuntimeError(
                     f"internal error: {k} has outcomes for {len(self.top1[k])} of {len(self.keys)} images"
                 )
+            if k in self.scored and len(self.scored[k]) != len(self.keys):
+                raise RuntimeError(f"internal error: {k} has a scored mask for {len(self.scored[k])} images")
+
+    def scored_mask(self, k: EvalKey) -> np.ndarray:
+        """Which images setting `k` scored (all of them unless it ran on a subset)."""
+        return self.scored[k] if k in self.scored else np.ones(len(self.keys), dtype=bool)
 
     @classmethod
     def empty(cls, settings: Iterable[EvalKey]) -> Outcomes:
@@ -107,17 +136,21 @@ class Outcomes:
         settings = list(parts[0].top1)
         if any(p.top1.keys() != parts[0].top1.keys() for p in parts):
             raise ValueError("outcomes to concatenate must score the same settings")
+        subsets = {k for p in parts for k in p.scored}
         return cls(
             [key for p in parts for key in p.keys],
             {k: np.concatenate([p.top1[k] for p in parts]) for k in settings},
             {k: np.concatenate([p.top5[k] for p in parts]) for k in settings},
+            {k: np.concatenate([p.scored_mask(k) for p in parts]) for k in subsets},
         )
 
     def counts(self) -> dict[EvalKey, Counts]:
-        """Images and hits of every setting."""
-        return {
-            k: Counts(len(self.keys), int(self.top1[k].sum()), int(self.top5[k].sum())) for k in self.top1
-        }
+        """Images scored and hits of every setting."""
+        out = {}
+        for k in self.top1:
+            mask = self.scored_mask(k)
+            out[k] = Counts(int(mask.sum()), int(self.top1[k][mask].sum()), int(self.top5[k][mask].sum()))
+        return out
 
 
 def results_rows(

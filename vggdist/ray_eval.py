@@ -25,24 +25,43 @@ from vggdist.shardformat import split_dir
 
 @ray.remote
 def _eval_slice(
-    checkpoints: list[str], val_dir: str, rank: int, world: int, protocols: list[str], scales: list[int]
+    checkpoints: list[str],
+    val_dir: str,
+    rank: int,
+    world: int,
+    protocols: list[str],
+    scales: list[int],
+    fraction: float,
 ) -> Outcomes:
     """Slice `rank` of `world` of the validation images, scored in a Ray task (on a GPU when it was given one)."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     device = "cuda" if ray.get_gpu_ids() else "cpu"
     return evaluate_shard_slice(
-        checkpoints, val_dir, rank=rank, world_size=world, protocols=protocols, scales=scales, device=device
+        checkpoints,
+        val_dir,
+        rank=rank,
+        world_size=world,
+        protocols=protocols,
+        scales=scales,
+        device=device,
+        multicrop_fraction=fraction,
     )
 
 
 def _distributed_outcomes(
-    checkpoints: list[str], val_dir: Path, protocols: list[str], scales: list[int], workers: int, gpu: bool
+    checkpoints: list[str],
+    val_dir: Path,
+    protocols: list[str],
+    scales: list[int],
+    workers: int,
+    gpu: bool,
+    fraction: float = 1.0,
 ) -> Outcomes:
     """The outcomes of `workers` Ray tasks, in manifest order; refuses unless every validation image was scored
     exactly once."""
     opts = {"num_gpus": 1} if gpu else {}
     refs = [
-        _eval_slice.options(**opts).remote(checkpoints, str(val_dir), r, workers, protocols, scales)
+        _eval_slice.options(**opts).remote(checkpoints, str(val_dir), r, workers, protocols, scales, fraction)
         for r in range(workers)
     ]
     outcomes = Outcomes.concat(ray.get(refs))
@@ -70,8 +89,10 @@ def evaluate(
     address: str | None = None,
     log_to_run: bool = True,
     gpu: bool = False,
+    multicrop_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards.
+    """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards; multi-crop and
+    combined on the stated subset `multicrop_fraction` of the images (default: the run's eval config).
 
     Logs `eval/<protocol>/<scales>/top1_err|top5_err` and the `eval_results` table to the evaluated run (for an
     ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str, "run_id":
@@ -87,8 +108,9 @@ def evaluate(
         members[0] = _checkpoint_of(run_or_checkpoint, uri)  # the replay may have moved its checkpoint tag
     cfg = ckpt.load_config(members[0][0])
     scales = list(scales or cfg.eval.test_scales)
+    fraction = cfg.eval.multicrop_fraction if multicrop_fraction is None else multicrop_fraction
     outcomes = _distributed_outcomes(
-        [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu
+        [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu, fraction
     )
     rows = results_rows(outcomes.counts(), scales, paper_scales)
     if ensemble:

@@ -93,7 +93,7 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """"vgg", "plain" or "resnet"."""
+        """ "vgg", "plain" or "resnet"."""
         spec = resnet_paper.CONFIGS.get(self.name)
         return "vgg" if spec is None else spec.family
 
@@ -224,10 +224,18 @@ class EvalConfig:
     protocols: tuple[str, ...] = PROTOCOLS
     test_scales: tuple[int, ...] = paper.MULTISCALE_Q
     batch_size: int = 32
+    # Multi-crop (and combined, which needs it) scores 50 crops per image and scale: where that is too slow, it
+    # can run on a stated fraction of the images, the same ones for every run (a hash of the sample key,
+    # `vggdist.outcomes.in_subset`); dense and single always score every image. 1.0 = all images.
+    multicrop_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         _check(not bad, f"eval.protocols has unknown {bad}; choose from {', '.join(PROTOCOLS)}")
+        _check(
+            0.0 < self.multicrop_fraction <= 1.0,
+            f"eval.multicrop_fraction must be in (0, 1], got {self.multicrop_fraction}",
+        )
         _check(
             len(self.test_scales) > 0 and all(q > 0 for q in self.test_scales),
             "eval.test_scales needs at least one positive Q",
