@@ -11,11 +11,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-RAY = str(Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv")) / "bin" / "ray")
+# the `ray` script of the interpreter running the tests (a venv's bin/), else the one on PATH
+RAY = str(Path(sys.executable).parent / "ray")
 if not Path(RAY).exists():
     RAY = shutil.which("ray") or "ray"
 

@@ -18,6 +18,7 @@ import pytest
 from tests.mlflow_server import MlflowServer
 from tests.ray_cluster import RAY, RayCluster
 from tests.tiny_data import make_shards
+from tests.train_faults import RecordKeys
 from vggdist import tracking
 from vggdist.config import preset
 
@@ -73,8 +74,9 @@ def test_two_nodes_one_worker_each_distinct_streams(cluster, monkeypatch):
     keys_dir = cluster["tmp"] / "keys"
     keys_dir.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["uri"])
-    monkeypatch.setenv("VGGDIST_TEST_RECORD_KEYS", str(keys_dir))
-    result = train(_cfg(cluster["tmp"], "two-nodes"), str(cluster["data"]))
+    result = train(
+        _cfg(cluster["tmp"], "two-nodes"), str(cluster["data"]), callbacks=[RecordKeys(str(keys_dir))]
+    )
 
     run = tracking.get_run(result.run_id, uri=cluster["uri"])
     assert run["status"] == "FINISHED"

@@ -1,8 +1,8 @@
 """Ray Train end to end on a real local Ray cluster: A then B-from-A on 2 CPU workers, evaluation, fault tolerance.
 
-Test-only fault injection: VGGDIST_TEST_FAIL_AT_EPOCH=k, VGGDIST_TEST_FAIL_RANK=r and VGGDIST_TEST_FAIL_MARKER=path
-make rank r exit hard (os._exit) right after reporting epoch k, once; FailureConfig must restart the worker group
-from that checkpoint and the run must finish all epochs, logging into the same MLflow run.
+Fault injection through `train(callbacks=...)` (`tests.train_faults.KillWorker`): rank r exits hard (os._exit)
+right after reporting epoch k, once; FailureConfig must restart the worker group from that checkpoint and the run
+must finish all epochs, logging into the same MLflow run.
 """
 
 import json
@@ -11,6 +11,7 @@ import os
 import pytest
 
 from tests.tiny_data import make_shards
+from tests.train_faults import KillWorker
 from vggdist import tracking
 from vggdist.config import preset
 from vggdist.ray_eval import evaluate
@@ -55,12 +56,10 @@ def _cfg(env, model, name, **sets):
     return preset("mini", model=model).override([f"{k}={v}" for k, v in base.items()])
 
 
-def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env, monkeypatch):
+def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env):
     marker = env["tmp"] / "crashed"
-    monkeypatch.setenv("VGGDIST_TEST_FAIL_AT_EPOCH", "1")
-    monkeypatch.setenv("VGGDIST_TEST_FAIL_RANK", "1")
-    monkeypatch.setenv("VGGDIST_TEST_FAIL_MARKER", str(marker))
-    a = train(_cfg(env, "A", "tiny-A"), str(env["data"]), stage="1-A")
+    kill = KillWorker(epoch=1, rank=1, marker=str(marker))
+    a = train(_cfg(env, "A", "tiny-A"), str(env["data"]), stage="1-A", callbacks=[kill])
     assert marker.exists(), "the injected crash did not happen"
     run = tracking.get_run(a.run_id, uri=env["uri"])
     assert run["status"] == "FINISHED"
@@ -80,7 +79,6 @@ def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env, monkeypatch):
     workers = json.loads(run["tags"]["vggdist.workers"])
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert a.metrics["val/samples"] == 40  # every validation image counted once over both ranks
-    monkeypatch.delenv("VGGDIST_TEST_FAIL_AT_EPOCH")
 
     b = train(
         _cfg(

@@ -2,7 +2,7 @@
 shards, the `vggdist` CLI.
 
 The server is stopped right after rank 0 logged epoch 1 and stays down until the job has ended; meanwhile rank 0
-is killed after epoch 2 (the worker-kill fault injection of tests/test_ray_train.py), so the restarted worker
+is killed after epoch 2 (`tests.train_faults.KillWorker`, passed to the CLI as a callback), so the restarted worker
 group resumes logging with MLflow down. Nothing may be missing or doubled once `vggdist sync` ran. Then an
 evaluation logged while MLflow is down again reaches MLflow through the next command's automatic replay.
 """
@@ -19,6 +19,7 @@ import pytest
 
 from tests.mlflow_server import MlflowServer
 from tests.tiny_data import make_shards
+from tests.train_faults import KillWorker
 from vggdist import tracking
 from vggdist.cli import main as cli_main
 
@@ -71,7 +72,7 @@ def _stop_after_epoch(server: MlflowServer, spool: Path, epoch: int, stopped: th
     stopped.set()
 
 
-def test_mlflow_down_longer_than_the_job_then_sync_and_automatic_replay(env, capsys, monkeypatch):
+def test_mlflow_down_longer_than_the_job_then_sync_and_automatic_replay(env, capsys):
     server: MlflowServer = env["server"]
     storage = env["tmp"] / "ray_results"
     run_dir = storage / "outage-A"
@@ -80,9 +81,7 @@ def test_mlflow_down_longer_than_the_job_then_sync_and_automatic_replay(env, cap
         target=_stop_after_epoch, args=(server, run_dir / "mlflow_spool", 1, stopped), daemon=True
     )
     watcher.start()
-    monkeypatch.setenv("VGGDIST_TEST_FAIL_AT_EPOCH", "2")
-    monkeypatch.setenv("VGGDIST_TEST_FAIL_RANK", "0")
-    monkeypatch.setenv("VGGDIST_TEST_FAIL_MARKER", str(env["tmp"] / "crashed"))
+    kill = KillWorker(epoch=2, rank=0, marker=str(env["tmp"] / "crashed"))
     sets = {
         "optim.global_batch_size": 32,
         "optim.lr": 0.01,
@@ -95,14 +94,13 @@ def test_mlflow_down_longer_than_the_job_then_sync_and_automatic_replay(env, cap
     argv += ["--workers", "2", "--storage-path", str(storage), "--run-name", "outage-A"]
     argv += ["--max-failures", "2"]
     argv += [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
-    assert cli_main(argv) == 0
+    assert cli_main(argv, callbacks=[kill]) == 0
     assert stopped.is_set() and not server.running, "MLflow was not down while the job ran"
     assert (env["tmp"] / "crashed").exists(), "the worker group did not restart"
     out = capsys.readouterr().out
     summary = json.loads(out[out.rindex("\n{") :])  # the command's JSON summary ends its output
     run_id = summary["run_id"]
     assert summary["mlflow_spooled"] > 0 and summary["deliver_with"] == f"vggdist sync {run_dir}"
-    monkeypatch.delenv("VGGDIST_TEST_FAIL_AT_EPOCH")
 
     server.start()  # the job is over: what happened while MLflow was down is only in the spool
     run = tracking.get_run(run_id, uri=server.uri)

@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vggdist.ray_train import train
 
     cfg = _config_from_args(args)
-    result = train(cfg, args.data, stage=args.stage, address=args.address)
+    result = train(cfg, args.data, stage=args.stage, address=args.address, callbacks=args.callbacks)
     print(
         json.dumps(
             {
@@ -145,6 +145,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sets=args.set or [],
         gpu=args.gpu,
         max_concurrent=args.max_concurrent,
+        callbacks=args.callbacks,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -351,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[object] = ()) -> int:
+    """Run one `vggdist` command; returns its exit code. `callbacks` (`vggdist.callbacks`) reach the training
+    workers of `train` and `sweep`: the extension point for a program that wraps the CLI."""
     args = build_parser().parse_args(argv)
+    args.callbacks = tuple(callbacks)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",

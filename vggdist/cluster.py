@@ -424,9 +424,28 @@ def session(address: str | Target | None = None, **kwargs) -> Iterator[Where]:
             shutdown()
 
 
-def worker_env() -> dict[str, str]:
-    """Environment for training workers: WORKER_ENV plus this process's VGGDIST_* variables."""
-    return {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("VGGDIST_")}}
+# What training workers on a cluster get from this process's environment besides WORKER_ENV: the credentials and
+# endpoint of the object store that holds the run's checkpoints and spool (`--storage-path s3://…`), which rank 0
+# writes with pyarrow. Nothing else is forwarded: the tracking URI, the data and storage paths and the callbacks
+# travel in `WorkerSettings`; a job started with `ray job submit --runtime-env-json` gives its env_vars to its
+# workers itself.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CA_BUNDLE",
+)
+
+
+def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for training workers on a cluster: WORKER_ENV plus the FORWARDED_ENV variables that are set."""
+    env = os.environ if environ is None else environ
+    return {**WORKER_ENV, **{k: env[k] for k in FORWARDED_ENV if k in env}}
 
 
 def alive_nodes() -> int:

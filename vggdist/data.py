@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,11 +125,12 @@ def _check_rank(rank: int, world_size: int) -> None:
 class _TrainStream(IterableDataset):
     """Yields this (rank, worker)'s share of `steps` batches: (uint8 (B, 3, crop, crop), int64 (B,))."""
 
-    def __init__(self, urls, cfg: DataConfig, batch_size, steps, rank, world_size, seed, epoch) -> None:
+    def __init__(self, urls, cfg: DataConfig, batch_size, steps, rank, world_size, seed, epoch, on_sample) -> None:
         super().__init__()
         self.urls, self.cfg = urls, cfg
         self.batch_size, self.steps = batch_size, steps
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.on_sample = on_sample
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, num_workers = _worker()
@@ -155,30 +155,17 @@ class _TrainStream(IterableDataset):
             samples = wds.shuffle(bufsize, initial=bufsize, rng=shuffle_rng)(samples)
         scale = self.cfg.scale_jitter or self.cfg.train_scale
         crop, decoder = self.cfg.crop_size, self.cfg.decoder
-        record = _key_recorder(self.epoch, self.rank, worker)
+        on_sample = self.on_sample
         for _ in range(my_steps):
             images, labels = [], []
             for sample in samples:
                 images.append(_decode(sample, lambda b: jpeg.train_crop_jpeg(b, scale, crop, crop_rng, decoder)))
                 labels.append(int(sample["cls"]))
-                if record is not None:
-                    record.write(sample["__key__"] + "\n")
+                if on_sample is not None:
+                    on_sample(sample["__key__"], worker)
                 if len(images) == self.batch_size:
                     break
             yield jpeg.collate_images(images), torch.tensor(labels, dtype=torch.int64)
-        if record is not None:
-            record.close()
-
-
-RECORD_KEYS_ENV = "VGGDIST_TEST_RECORD_KEYS"
-
-
-def _key_recorder(epoch: int, rank: int, worker: int):
-    """Test hook: with VGGDIST_TEST_RECORD_KEYS=DIR each (epoch, rank, worker) writes the keys it trains on to DIR."""
-    d = os.environ.get(RECORD_KEYS_ENV)
-    if not d:
-        return None
-    return open(Path(d) / f"keys-e{epoch}-r{rank}-w{worker}.txt", "a")  # noqa: SIM115 - closed after the loop
 
 
 def _decode(sample: dict, fn):
@@ -203,6 +190,7 @@ def train_loader(
     seed: int,
     epoch: int,
     num_workers: int | None = None,
+    on_sample: Callable[[str, int], None] | None = None,
 ) -> Batches:
     """§3.1 training batches for one rank: exactly `steps` of (uint8 (B, 3, crop, crop), int64 (B,)).
 
@@ -215,14 +203,15 @@ def train_loader(
     exactly `steps` steps whatever the shard sizes, and ranks draw from independent streams (no collisions
     beyond chance). Steps are split over the `num_workers` loader workers (default cfg.loader_workers) so
     they add up exactly. Images are channels_last uint8; convert them on the device with
-    `vggdist.augment.DeviceAugment`.
+    `vggdist.augment.DeviceAugment`. `on_sample(key, loader_worker)` is called for every sample that goes into a
+    batch, in the loader process (`vggdist.callbacks.SampleHook`; it must pickle where loaders are spawned).
     """
     _check_rank(rank, world_size)
     if batch_size < 1 or steps < 0:
         raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size}, {steps}")
     urls = shard_files(data_dir, "train")[0]
     workers = cfg.loader_workers if num_workers is None else num_workers
-    ds = _TrainStream(urls, cfg, batch_size, steps, rank, world_size, seed, epoch)
+    ds = _TrainStream(urls, cfg, batch_size, steps, rank, world_size, seed, epoch, on_sample)
     decoder = jpeg.available_decoder() if cfg.decoder == "auto" else cfg.decoder
     if decoder != "window" and cfg.decoder in ("auto", "window") and rank == 0 and epoch == 0:
         logger.warning(

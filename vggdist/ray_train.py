@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 from vggdist import checkpoint as ckpt
 from vggdist import checkpoint_store, cluster, data, ray_fit, runmeta, tracking
 from vggdist.augment import DeviceAugment
+from vggdist.callbacks import EpochEnd, SampleHook, call_hooks
 from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
 from vggdist.models import unwrap_model
@@ -44,12 +46,6 @@ from vggdist.shardformat import data_dirs, read_manifest, read_stats
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model, sync_batch_norm
 
 log = logging.getLogger(__name__)
-
-# Test-only fault injection (documented in tests/test_ray_train.py): the worker of rank FAIL_RANK dies with
-# os._exit(1) after reporting epoch FAIL_AT_EPOCH, once (the marker file records that it happened).
-FAIL_AT_EPOCH_ENV = "VGGDIST_TEST_FAIL_AT_EPOCH"
-FAIL_MARKER_ENV = "VGGDIST_TEST_FAIL_MARKER"
-FAIL_RANK_ENV = "VGGDIST_TEST_FAIL_RANK"
 
 DEFAULT_STORAGE = "~/vggdist_results"
 
@@ -71,6 +67,7 @@ class WorkerSettings:
     init_checkpoint: str | None  # the weights --init from-shallower / resume-weights start from
     storage_root: str  # <storage path>/<run name>: where this run's checkpoints go
     local_mode: bool = False  # one worker in the driver's process (`vggdist.ray_fit`)
+    callbacks: tuple[Any, ...] = ()  # `vggdist.callbacks` hooks, run in the workers
 
 
 @dataclass(frozen=True)
@@ -89,18 +86,6 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t
-
-
-def _maybe_fail(epoch: int, rank: int) -> None:
-    at = os.environ.get(FAIL_AT_EPOCH_ENV)
-    marker = os.environ.get(FAIL_MARKER_ENV)
-    if at is None or marker is None or int(at) != epoch or rank != int(os.environ.get(FAIL_RANK_ENV, "0")):
-        return
-    if Path(marker).exists():
-        return
-    Path(marker).write_text(f"rank {rank} died after epoch {epoch}\n")
-    time.sleep(3)  # let the controller (2 s poll) register the checkpoint just reported
-    os._exit(1)
 
 
 def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
@@ -191,6 +176,7 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
             world_size=world,
             seed=cfg.run.seed,
             epoch=epoch,
+            on_sample=SampleHook.of(ws.callbacks, epoch, rank),
         )
 
     expected_val = data.expected_eval_count(ws.val_dir) if ws.val_dir else 0
@@ -241,7 +227,16 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
             spooled(tracker.log_metrics, {k: v for k, v in metrics.items() if k != runmeta.EPOCH}, lp.epoch)
             spooled(tracker.set_tags, tags)
             spooled(tracker.sync)  # the epoch's metrics survive a crash of this machine
-        _maybe_fail(lp.epoch, rank)
+        event = EpochEnd(
+            run_name=Path(ws.storage_root).name,
+            epoch=lp.epoch,
+            rank=rank,
+            world_size=world,
+            metrics=dict(metrics),
+            checkpoint=saved,
+            local_mode=ws.local_mode,
+        )
+        call_hooks(ws.callbacks, "on_epoch_end", event)
 
     def log_step(m: dict[str, float], step: int) -> None:
         spooled(tracker.log_metrics, m, step)
@@ -269,11 +264,13 @@ def train(
     extra_tags: dict[str, str] | None = None,
     address: str | None = None,
     where: cluster.Where | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Run one training of `cfg` on the shards under `data_dir`; returns the MLflow run and checkpoints.
 
     `address`: where to run (`vggdist.cluster`'s rule); `where`: the Ray the caller runs in already (a sweep's
-    stages), which then decides local mode. Raises CheckpointWriteError (one line, exit 1) when the storage
+    stages), which then decides local mode. `callbacks`: `vggdist.callbacks` hooks run in every worker (they must
+    pickle). Raises CheckpointWriteError (one line, exit 1) when the storage
     cannot take a checkpoint, after marking the MLflow run FAILED with the reason."""
     train_dir, val_dir = data_dirs(data_dir)
     manifest = read_manifest(train_dir)
@@ -361,6 +358,7 @@ def train(
         init_checkpoint=init_checkpoint,
         storage_root=run_dir,
         local_mode=local_mode,
+        callbacks=tuple(callbacks),
     )
     try:
         fitted = ray_fit.fit(

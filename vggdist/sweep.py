@@ -36,6 +36,7 @@ def _run_stage(
     parent_run_id: str,
     uri: str,
     where: cluster.Where,
+    callbacks: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
     """A stage as a Ray task: train (or resume), then evaluate; returns the child run id and checkpoint."""
     import os
@@ -47,7 +48,15 @@ def _run_stage(
     if init_from:
         cfg = replace(cfg, run=replace(cfg.run, init_from=init_from))
     tags = {runmeta.TAG_SWEEP: parent_run_id, runmeta.TAG_TRAIN_SCALE: stage.scale_label}
-    result = train(cfg, data_dir, stage=stage.key, parent_run_id=parent_run_id, extra_tags=tags, where=where)
+    result = train(
+        cfg,
+        data_dir,
+        stage=stage.key,
+        parent_run_id=parent_run_id,
+        extra_tags=tags,
+        where=where,
+        callbacks=callbacks,
+    )
     # a checkpoint path needs no MLflow read, so a stage goes on through an MLflow outage
     evaluate(
         result.checkpoint or result.run_id,
@@ -135,8 +144,10 @@ def run_sweep(
     gpu: bool = False,
     max_concurrent: int | None = None,
     progress=None,
+    callbacks: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
-    """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results."""
+    """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results.
+    `callbacks` (`vggdist.callbacks`) go to every stage's training workers."""
     from vggdist.ray_eval import evaluate_fusion
     from vggdist.ray_fit import use_local_mode
     from vggdist.ray_train import storage_path
@@ -195,7 +206,7 @@ def run_sweep(
                 else {}
             )
             ref = _run_stage.options(**held).remote(
-                cfg, str(Path(data_dir).resolve()), s, init_ckpt, parent.run_id, uri, where
+                cfg, str(Path(data_dir).resolve()), s, init_ckpt, parent.run_id, uri, where, tuple(callbacks)
             )
             running[ref] = s
             log.info("sweep %s: started stage %s", sweep_name, s.key)
