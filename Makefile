@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench bench-full lint clean
+.PHONY: setup test test-fast demo study bench bench-full lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test-fast: setup
 demo: setup
 	@bash scripts/install_fashion_mnist.sh || true
 	$(BIN)/vggdist demo $(DEMO_ARGS)
+
+# The reduced-scale reproduction: all of Fashion-MNIST, `--plan study` (~90 min on 2 CPU cores); rerun to resume.
+study: setup
+	@bash scripts/install_fashion_mnist.sh || true
+	$(BIN)/vggdist demo --plan study --workdir study-work $(STUDY_ARGS)
 
 # Every benchmark, then docs/performance.md regenerated from bench/results/*.json.
 bench: setup

@@ -41,6 +41,7 @@ def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "## Table 3" in p.stdout and "mlflow ui --backend-store-uri sqlite:///" in p.stdout
+    assert not (work / "sweep-in-progress").exists()  # only an interrupted demo leaves its sweep name to resume
     assert {f.name for f in (work / "report").iterdir()} >= {
         "report.md",
         "tables.csv",

@@ -183,6 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         train_per_class=args.train_per_class,
         address=args.address,
+        plan=args.plan,
     )
 
 
@@ -345,7 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-per-class",
         type=int,
         default=None,
-        help="training images per class (default 800; 100 with --quick)",
+        help="training images per class (default 600, 6000 with --plan study; 100 with --quick)",
+    )
+    d.add_argument(
+        "--plan",
+        choices=("mini", "study"),
+        default="mini",
+        help="mini: the 10-minute demo; study: all of Fashion-MNIST with the study plan (~90 min on 2 cores)",
     )
     _add_address(d)
     d.set_defaults(func=cmd_demo)

@@ -44,6 +44,7 @@ CLASSES = (
 )
 STORED_SIDE = 64  # 28 -> 64 pixels: the mini preset trains at S in [37, 73] and tests at Q up to 73
 CHANCE_TOP1_ERR = 90.0
+PLANS = {"mini": "vggdist-demo", "study": "vggdist-study"}  # the plans the demo runs, and their experiments
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -113,8 +114,15 @@ def run_demo(
     quick: bool = False,
     train_per_class: int | None = None,
     address: str | None = None,
+    plan: str = "mini",
 ) -> int:
-    """Run the demo end to end in `workdir`; returns a process exit code (1 if a network did not learn)."""
+    """Run the demo end to end in `workdir`; returns a process exit code (1 if a network did not learn).
+
+    `plan` "mini" is the 10-minute demo; "study" is the same pipeline on all of Fashion-MNIST (60,000 training
+    and 10,000 test images) with `--plan study` (~90 minutes on 2 CPU cores), in the MLflow experiment
+    `vggdist-study`."""
+    if plan not in PLANS:
+        raise ValueError(f"--plan {plan!r}: the demo runs {' or '.join(PLANS)}")
     from vggdist import cluster
 
     t0 = time.perf_counter()
@@ -128,11 +136,13 @@ def run_demo(
     # one Ray for every step: preprocessing's shard tasks, the sweep's stages and their evaluation (one worker
     # each: Ray Train's local mode inside the stage's task, so no dashboard is needed for Ray Train)
     cluster.connect(target, num_cpus=2 if target.local else None, include_dashboard=False)
-    # 6,000 training images: enough for the nets to separate, few enough that every stage reaches its plateau or
-    # its epoch cap in the 10-minute budget; 2,000 held-out test images (Fashion-MNIST's test set) keep one
-    # binomial SE of an error rate near 0.8 pt at 15 % error
-    per_class = train_per_class or (100 if quick else 600)
-    val_per_class = 20 if quick else 200
+    # mini: 6,000 training images, enough for the nets to separate and few enough that every stage reaches its
+    # plateau or its epoch cap in the 10-minute budget; 2,000 held-out test images (from Fashion-MNIST's test
+    # set) keep one binomial SE of an error rate near 0.8 pt at 15 % error. study: all of both sets.
+    full = plan == "study"
+    per_class = train_per_class or (100 if quick else 6000 if full else 600)
+    val_per_class = 20 if quick else 1000 if full else 200
+    experiment = PLANS[plan]
 
     _say(f"[1/4] Fashion-MNIST {src} -> RGB JPEG image folders under {work / 'images'}")
     images = work / "images"
@@ -162,7 +172,7 @@ def run_demo(
             return 1
 
     _say(
-        "[3/4] vggdist sweep --plan mini (A and D from random init; B and D from A; D with scale jittering; "
+        f"[3/4] vggdist sweep --plan {plan} (A and D from random init; deeper nets from A; scale jittering; "
         "evaluation; fusion)"
     )
     from vggdist.sweep import run_sweep
@@ -170,23 +180,31 @@ def run_demo(
     sets = ["run.storage_path=" + str(work / "ray_results")]
     if quick:
         sets += ["schedule.epochs=1"]
-    sweep_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    # an interrupted demo or study resumes: the sweep's name stays in the work directory until it finishes
+    unfinished = work / "sweep-in-progress"
+    if unfinished.exists():
+        sweep_name = unfinished.read_text().strip()
+        _say(f"      resuming the interrupted sweep {sweep_name} (its finished stages are kept)")
+    else:
+        sweep_name = f"{'study' if full else 'demo'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        unfinished.write_text(sweep_name + "\n")
     summary = run_sweep(
         str(shards),
-        plan="mini",
+        plan=plan,
         workers=1,
-        experiment="vggdist-demo",
+        experiment=experiment,
         sweep_name=sweep_name,
         address=address,
         sets=sets,
         progress=lambda key, res: _say(f"      stage {key} finished: run {res['run_id']}"),
     )
 
+    unfinished.unlink()
     _say("[4/4] vggdist report")
     from vggdist.report import make_report
 
     report = make_report(
-        experiment="vggdist-demo", out_dir=str(work / "report"), sweep_run_id=summary["parent_run_id"]
+        experiment=experiment, out_dir=str(work / "report"), sweep_run_id=summary["parent_run_id"]
     )
     print(report["markdown"])
     ok = _check_learning(report)
