@@ -71,7 +71,11 @@ def test_results_rows_order_rounding_and_paper_scales():
         "scales": [55],
         "paper_scales": [384],
         "top1_err": 66.6667,
+        "top1_lo": 20.766,
+        "top1_hi": 93.8508,
         "top5_err": 33.3333,
+        "top5_lo": 6.1492,
+        "top5_hi": 79.234,
         "n": 3,
     }
     assert results_rows(counts, [37, 55])[3]["paper_scales"] == [37, 55]  # no paper scales: the scales

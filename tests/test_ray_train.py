@@ -14,6 +14,7 @@ from tests.tiny_data import make_shards
 from tests.train_faults import KillWorker
 from vggdist import tracking
 from vggdist.config import preset
+from vggdist.outcome_file import read_outcomes
 from vggdist.ray_eval import evaluate
 from vggdist.ray_train import train
 
@@ -102,6 +103,24 @@ def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env):
     assert all(r["n"] == 40 for r in out["rows"])
     metrics = tracking.get_run(b.run_id, uri=env["uri"])["metrics"]
     assert "eval/combined/Q37-55/top1_err" in metrics and "eval/dense/Q55/top5_err" in metrics
+    # every error rate with its 95 % Wilson interval, in the table and as MLflow metrics
+    dense55 = next(r for r in out["rows"] if r["protocol"] == "dense" and r["scales"] == [55])
+    assert dense55["top1_lo"] <= dense55["top1_err"] <= dense55["top1_hi"]
+    assert metrics["eval/dense/Q55/top1_lo"] == pytest.approx(dense55["top1_lo"])
+    assert metrics["eval/dense/Q55/top5_hi"] == pytest.approx(dense55["top5_hi"])
+    assert "[" in out["markdown"] and "| 40 |" in out["markdown"]
+    # the per-image outcomes are an artifact of the run, and count to the same error rates
+    assert "eval_outcomes.npz" in tracking.list_artifacts(b.run_id, uri=env["uri"])
+    stored = read_outcomes(
+        tracking.download_artifact(b.run_id, "eval_outcomes.npz", env["tmp"] / "dl", uri=env["uri"])
+    )
+    assert len(stored.rows) == len(out["rows"])
+    for r in out["rows"]:
+        row = stored.find(r["protocol"], r["scales"])  # no paper scales given: the scales themselves
+        assert row.n == 40 and len(set(row.keys.tolist())) == 40
+        assert row.error_rate("top1").percent == pytest.approx(r["top1_err"], abs=1e-4)
+        assert row.error_rate("top5").percent == pytest.approx(r["top5_err"], abs=1e-4)
+    assert stored.meta["split"] == "val" and stored.meta["models"] == [b.run_id]
 
     fused = evaluate(
         a.run_id,

@@ -164,10 +164,17 @@ def test_report_tables_files_and_artifacts(store, tmp_path):
     d = _find(t["3"], config="D", train_scale="256-512")
     assert (d["test_scales"], d["ours_top1"], d["ours_top5"], d["ours_n"]) == ([384], 31.5, 8.25, 1000)
     assert (d["paper_top1"], d["paper_top5"], d["run_id"]) == (25.6, 8.1, ids["D"])
+    # the 95 % Wilson interval of 315 errors in 1000 images, by hand: centre (p + z²/2n)/(1 + z²/n) = 0.315708,
+    # half-width z/(1 + z²/n)·sqrt(p(1-p)/n + z²/4n²) = 0.028744
+    assert (d["ours_top1_lo"], d["ours_top1_hi"]) == (
+        pytest.approx(28.696, abs=1e-3),
+        pytest.approx(34.445, abs=1e-3),
+    )
     c = _find(t["3"], config="C", train_scale="384")  # run without results: ours is missing
     assert (c["ours_top1"], c["ours_top5"], c["paper_top1"], c["paper_top5"]) == (None, None, 28.1, 9.3)
     d384 = _find(t["3"], config="D", train_scale="384")  # from metrics Q55 -> paper Q384
     assert (d384["ours_top1"], d384["ours_top5"], d384["paper_top1"]) == (33.5, 9.5, 26.8)
+    assert d384["ours_n"] is None and d384["ours_top1_lo"] is None  # from metrics only: no n, no interval
     b = _find(t["3"], config="B", train_scale="256")  # paper row, no run of ours
     assert (b["ours_top1"], b["paper_top1"], b["paper_top5"]) == (None, 28.7, 9.9)
     assert [(r["config"], r["train_scale"]) for r in t["3"]][:4] == [
@@ -202,12 +209,16 @@ def test_report_tables_files_and_artifacts(store, tmp_path):
 
     # Markdown: both numbers on one line, "—" where missing, the mini caveat.
     md = out["markdown"]
-    assert "| D | [256;512] | 384 | 31.50 | 8.25 | 25.6 | 8.1 | 1000 |" in md
+    assert "| D | [256;512] | 384 | 31.50 [28.70, 34.45] | 8.25 [6.70, 10.12] | 25.6 | 8.1 | 1000 |" in md
     assert "| C | 384 | 384 | — | — | 28.1 | 9.3 | — |" in md
-    assert "| A-LRN | 256 | 224,256,288 | 41.50 | 12.75 | — | — | 1000 |" in md
-    assert "| E | [256;512] | 256,384,512 | multi-crop & dense | 30.00 | 7.50 | 24.4 | 7.1 | 1000 |" in md
+    assert "| A-LRN | 256 | 224,256,288 | 41.50 [38.48, 44.58] | 12.75 [10.82, 14.96] | — | — | 1000 |" in md
     assert (
-        "| D/256-512 + E/256-512 | [256;512] | 256,384,512 | dense | 28.50 | 6.50 | 24.0 | 7.1 | 7.0 |" in md
+        "| E | [256;512] | 256,384,512 | multi-crop & dense | 30.00 [27.24, 32.91] | 7.50 [6.03, 9.30] | 24.4 | 7.1 | 1000 |"
+        in md
+    )
+    assert (
+        "| D/256-512 + E/256-512 | [256;512] | 256,384,512 | dense | 28.50 [25.79, 31.38] | 6.50 [5.13, 8.20] "
+        "| 24.0 | 7.1 | 7.0 | 1000 |" in md
     )
     assert "Fashion-MNIST" in md and "arXiv:1409.1556" in md
     assert ids["C384"] in md.split("## Runs of this sweep")[1]
@@ -220,7 +231,8 @@ def test_report_tables_files_and_artifacts(store, tmp_path):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == [
         "table", "config", "train_scale", "test_scales", "protocol",
-        "ours_top1", "ours_top5", "paper_top1", "paper_top5",
+        "ours_top1", "ours_top1_lo", "ours_top1_hi", "ours_top5", "ours_top5_lo", "ours_top5_hi", "ours_n",
+        "paper_top1", "paper_top5",
     ]  # fmt: skip
     assert len(rows) == sum(len(v) for v in t.values())
     r = _find(rows, table="4", config="D", train_scale="256-512")

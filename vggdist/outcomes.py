@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vggdist.runmeta import PROTOCOLS
+from vggdist.significance import ErrorRate
 
 
 @dataclass(frozen=True)
@@ -157,20 +158,49 @@ def results_rows(
     counts: Mapping[EvalKey, Counts], scales: Sequence[int], paper_scales: Sequence[int] | None = None
 ) -> list[dict[str, Any]]:
     """The results table (`eval_results.json`): one row per setting, protocols in the paper's order, single
-    scales before the multi-scale row; errors in % (4 decimals), with the paper-unit scales alongside."""
+    scales before the multi-scale row; errors in % (4 decimals) with their 95 % Wilson interval
+    (`top1_lo`/`top1_hi`, `top5_lo`/`top5_hi`) and n, the images counted; the paper-unit scales alongside."""
     to_paper = dict(zip(scales, list(paper_scales) if paper_scales else list(scales), strict=True))
 
     def order(k: EvalKey) -> tuple:
         return PROTOCOLS.index(k.protocol), k.multiscale, list(k.scales)
 
-    return [
-        {
+    rows = []
+    for k in sorted(counts, key=order):
+        c = counts[k]
+        row: dict[str, Any] = {
             "protocol": k.protocol,
             "scales": list(k.scales),
             "paper_scales": [to_paper[q] for q in k.scales],
-            "top1_err": round(counts[k].top1_err, 4),
-            "top5_err": round(counts[k].top5_err, 4),
-            "n": counts[k].n,
         }
-        for k in sorted(counts, key=order)
+        for name, hits in (("top1", c.top1), ("top5", c.top5)):
+            row[f"{name}_err"] = round(getattr(c, f"{name}_err"), 4)  # raises when no image was counted
+            lo, hi = ErrorRate(c.n - hits, c.n).ci
+            row[f"{name}_lo"], row[f"{name}_hi"] = round(lo, 4), round(hi, 4)
+        row["n"] = c.n
+        rows.append(row)
+    return rows
+
+
+def results_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The results table as a person reads it: error % [95 % Wilson interval] on n images, per setting."""
+
+    def err(r: Mapping[str, Any], name: str) -> str:
+        lo, hi = r.get(f"{name}_lo"), r.get(f"{name}_hi")
+        ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+        return f"{r[f'{name}_err']:.2f}{ci}"
+
+    def qs(values: Sequence[int]) -> str:
+        return ",".join(str(q) for q in values)
+
+    lines = [
+        "| protocol | Q | paper Q | top-1 err % [95% CI] | top-5 err % [95% CI] | n |",
+        "|---|---|---|---|---|---|",
     ]
+    for r in rows:
+        n = str(r["n"]) + (f" (+{r['skipped']} skipped)" if r.get("skipped") else "")
+        paper_q = qs(r.get("paper_scales") or r["scales"])
+        lines.append(
+            f"| {r['protocol']} | {qs(r['scales'])} | {paper_q} | {err(r, 'top1')} | {err(r, 'top5')} | {n} |"
+        )
+    return "\n".join(lines) + "\n"

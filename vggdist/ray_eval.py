@@ -9,6 +9,7 @@ image count against manifest.json, and logs the error rates and the results tabl
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from vggdist import checkpoint as ckpt
 from vggdist import cluster, runmeta, tracking
 from vggdist.data import check_eval_count, expected_eval_count
 from vggdist.eval_run import evaluate_shard_slice
-from vggdist.outcomes import Outcomes, results_rows
+from vggdist.outcome_file import write_outcomes
+from vggdist.outcomes import Outcomes, results_markdown, results_rows
 from vggdist.shardformat import split_dir
 
 
@@ -94,9 +96,11 @@ def evaluate(
     """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards; multi-crop and
     combined on the stated subset `multicrop_fraction` of the images (default: the run's eval config).
 
-    Logs `eval/<protocol>/<scales>/top1_err|top5_err` and the `eval_results` table to the evaluated run (for an
-    ensemble: to the first run, with the members listed). Returns {"rows": [...], "markdown": str, "run_id":
-    the evaluated run or None, "outcomes": each image's hits per (protocol, scales), in manifest order}.
+    Logs `eval/<protocol>/<scales>/top1_err|top5_err` with their 95 % Wilson bounds (`top1_lo|top1_hi|...`),
+    the `eval_results` table and the per-image outcomes (`eval_outcomes.npz`, `vggdist.outcome_file`) to the
+    evaluated run (for an ensemble: to the first run, with the members listed). Returns {"rows": [...],
+    "markdown": str, "run_id": the evaluated run or None, "outcomes": each image's hits per (protocol, scales),
+    in manifest order, "outcomes_meta": what `outcomes_file` records about them}.
     """
     cluster.connect(address, include_dashboard=False)  # plain tasks: no Ray Train, no dashboard needed
     uri = tracking.tracking_uri()
@@ -113,10 +117,19 @@ def evaluate(
         [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu, fraction
     )
     rows = results_rows(outcomes.counts(), scales, paper_scales)
+    models = [m[1] or m[0] for m in members]
     if ensemble:
         for r in rows:
-            r["models"] = [m[1] or m[0] for m in members]
+            r["models"] = models
     run_id = members[0][1]
+    meta = {
+        "models": models,
+        "split": split,
+        runmeta.TAG_MANIFEST: runmeta.manifest_hash(val_dir),
+        "test_scales": list(scales),
+        "paper_test_scales": list(paper_scales or scales),
+        "multicrop_fraction": fraction,  # multi-crop and combined scored the images `outcomes.in_subset` picks
+    }
     if log_to_run and run_id:
         # through the run's spool: kept if MLflow is down; a temporary one (and a warning) for foreign checkpoints
         tracker = tracking.Tracker.attach(run_id, run_spool, uri=uri, wait_s=cfg.run.mlflow_wait_s)
@@ -124,13 +137,33 @@ def evaluate(
         metrics = {
             runmeta.eval_metric_name(r["protocol"], r["scales"], kind, prefix): r[kind]
             for r in rows
-            for kind in runmeta.ERROR_KINDS
+            for kind in runmeta.ERROR_KINDS + runmeta.CI_KINDS
         }
         tracker.log_metrics(metrics, step=0)
         artifact = runmeta.FUSION_EVAL_RESULTS if ensemble else runmeta.EVAL_RESULTS
         tracking.log_eval_table(tracker, rows, name=artifact)
+        name = runmeta.FUSION_EVAL_OUTCOMES if ensemble else runmeta.EVAL_OUTCOMES
+        log_outcomes(tracker, outcomes, meta, name)
         tracker.close()
-    return {"rows": rows, "markdown": runmeta.markdown_table(rows), "run_id": run_id, "outcomes": outcomes}
+    return {
+        "rows": rows,
+        "markdown": results_markdown(rows),
+        "run_id": run_id,
+        "outcomes": outcomes,
+        "outcomes_meta": meta,
+    }
+
+
+def log_outcomes(
+    tracker: tracking.Tracker, outcomes: Outcomes, meta: dict[str, Any], artifact_file: str
+) -> None:
+    """Per-image outcomes as the artifact `artifact_file` (e.g. eval_outcomes.npz) of the tracker's run; `meta`
+    as `evaluate` returns it (`test_scales` → `paper_test_scales` label the settings in paper units)."""
+    with tempfile.TemporaryDirectory(prefix="vggdist-outcomes-") as tmp:
+        path = Path(tmp) / os.path.basename(artifact_file)
+        paper = dict(zip(meta["test_scales"], meta["paper_test_scales"], strict=True))
+        write_outcomes(path, outcomes, paper_scales=paper, meta=meta)
+        tracker.log_artifact(path, os.path.dirname(artifact_file) or None)  # copied into the spool now
 
 
 def evaluate_fusion(
@@ -143,8 +176,9 @@ def evaluate_fusion(
     paper_scales: list[int] | None = None,
     workers: int = 2,
     gpu: bool = False,
-) -> list[dict[str, Any]]:
-    """Table 6: the posteriors of several runs averaged over all `scales`; rows carry the member labels and run ids."""
+) -> dict[str, Any]:
+    """Table 6: the posteriors of several runs averaged over all `scales`. Returns {"rows": the multi-scale rows,
+    carrying the member labels and run ids; "outcomes", "outcomes_meta": per image, as `evaluate` returns them}."""
     out = evaluate(
         run_ids[0],
         data_dir,
@@ -160,4 +194,5 @@ def evaluate_fusion(
     for r in rows:
         r["models"] = labels
         r["run_ids"] = run_ids
-    return rows
+    meta = {**out["outcomes_meta"], "models": labels, "run_ids": run_ids}
+    return {"rows": rows, "outcomes": out["outcomes"], "outcomes_meta": meta}

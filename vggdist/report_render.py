@@ -21,7 +21,12 @@ CSV_COLUMNS = (
     "test_scales",
     "protocol",
     "ours_top1",
+    "ours_top1_lo",
+    "ours_top1_hi",
     "ours_top5",
+    "ours_top5_lo",
+    "ours_top5_hi",
+    "ours_n",
     "paper_top1",
     "paper_top5",
 )
@@ -48,6 +53,14 @@ def _fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _fmt_ci(r: dict[str, Any], k: str) -> str:
+    """'27.40 [25.51, 29.37]': our error % with its 95 % Wilson interval (just the rate when n is unknown)."""
+    err, lo, hi = r[f"ours_{k}"], r.get(f"ours_{k}_lo"), r.get(f"ours_{k}_hi")
+    if err is None or lo is None or hi is None:
+        return _fmt(err, 2)
+    return f"{err:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def render_markdown(
     tables: dict[str, list[dict]], sweep: dict[str, Any], experiment: str, plan: str, runs: list[dict]
 ) -> str:
@@ -57,7 +70,8 @@ def render_markdown(
         "",
         f"Experiment `{experiment}`, plan `{plan or '?'}`, sweep status {sweep['status']}. "
         "Top-1 / top-5 classification error (%) on the validation set; *ours* beside the *paper* "
-        "(Simonyan & Zisserman, arXiv:1409.1556v6). — : no result.",
+        "(Simonyan & Zisserman, arXiv:1409.1556v6). Ours: error % [95 % Wilson interval] on *images* "
+        "(n) held-out images. — : no result.",
         "",
     ]
     mini_note = (
@@ -77,7 +91,7 @@ def render_markdown(
             head = ["models", "train S", "test Q", "protocol"]
         else:
             head = ["ConvNet config.", "train S", "test Q"] + (["protocol"] if n == 5 else [])
-        head += ["ours top-1", "ours top-5", "paper top-1", "paper top-5"]
+        head += ["ours top-1 [95% CI]", "ours top-5 [95% CI]", "paper top-1", "paper top-5"]
         head += ["paper test top-5"] if n == 6 else []
         head += ["images"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -89,7 +103,7 @@ def render_markdown(
             ]
             if n in (5, 6):
                 cells.append(paper.PROTOCOL_LABELS.get(r["protocol"], r["protocol"]))
-            cells += [_fmt(r["ours_top1"], 2), _fmt(r["ours_top5"], 2)]
+            cells += [_fmt_ci(r, "top1"), _fmt_ci(r, "top5")]
             cells += [_fmt(r["paper_top1"], 1), _fmt(r["paper_top5"], 1)]
             if n == 6:
                 cells.append(_fmt(r["paper_test_top5"], 1))

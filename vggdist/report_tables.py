@@ -13,6 +13,7 @@ from typing import Any
 
 from vggdist import paper, runmeta
 from vggdist.runmeta import COMBINED, DENSE, MULTICROP, PROTOCOLS
+from vggdist.significance import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,27 @@ def _row(number: int, key: tuple, ours: dict[str, Any] | None) -> dict[str, Any]
         "train_scale": train_scale,
         "test_scales": list(qs),
         "protocol": protocol,
-        "ours_top1": ours["top1_err"] if ours else None,
-        "ours_top5": ours["top5_err"] if ours else None,
-        "ours_n": ours.get("n") if ours else None,
+        **ours_columns(ours),
         "run_id": ours["run_id"] if ours else None,
         "paper_top1": ref.top1_err if ref else None,
         "paper_top5": ref.top5_err if ref else None,
         "paper_test_top5": None,
     }
+
+
+def ours_columns(ours: dict[str, Any] | None) -> dict[str, Any]:
+    """Our error rates with their 95 % Wilson interval and n: ours_top1, ours_top1_lo, ours_top1_hi, the same
+    for top-5, ours_n. The bounds come from the evaluation's row, else from the rate and n (None without n)."""
+    out: dict[str, Any] = {}
+    n = ours.get("n") if ours else None
+    for k in ("top1", "top5"):
+        err = ours.get(f"{k}_err") if ours else None
+        lo, hi = (ours.get(f"{k}_lo"), ours.get(f"{k}_hi")) if ours else (None, None)
+        if err is not None and n and (lo is None or hi is None):
+            lo, hi = (100.0 * b for b in wilson_interval(err * n / 100.0, int(n)))
+        out[f"ours_{k}"], out[f"ours_{k}_lo"], out[f"ours_{k}_hi"] = err, lo, hi
+    out["ours_n"] = n
+    return out
 
 
 def _fusion_table(fusion_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -139,12 +153,7 @@ def _fusion_table(fusion_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "models": sorted(f["models"]),
             },
         )
-        row.update(
-            ours_top1=f["top1_err"],
-            ours_top5=f["top5_err"],
-            ours_n=f.get("n"),
-            run_ids=list(f.get("run_ids", [])),
-        )
+        row.update(**ours_columns(f), run_ids=list(f.get("run_ids", [])))
     return [rows[k] for k in sorted(rows, key=row_order)]
 
 

@@ -75,11 +75,16 @@ STEP_LR = "train/step_lr"
 EVAL = "eval"
 EVAL_FUSION = "eval_fusion"
 ERROR_KINDS = ("top1_err", "top5_err")
+CI_KINDS = ("top1_lo", "top1_hi", "top5_lo", "top5_hi")  # the 95 % Wilson interval of each error rate
 
 # ----------------------------------------------------------------------------------------------- artifacts
 EVAL_RESULTS = "eval_results"  # .json ({"rows": [...]}) and .md on an evaluated run
 FUSION_EVAL_RESULTS = "eval_fusion_results"  # the same for `vggdist evaluate --ensemble`
 FUSION_RESULTS = "fusion_results.json"  # a sweep's Table 6 rows, on its parent run
+# Per-image outcomes (`vggdist.outcome_file`): what paired tests between runs read after the fact.
+EVAL_OUTCOMES = "eval_outcomes.npz"  # on an evaluated run
+FUSION_EVAL_OUTCOMES = "eval_fusion_outcomes.npz"  # `vggdist evaluate --ensemble`, on the first member
+FUSION_OUTCOMES_DIR = "fusion_outcomes"  # a sweep's fusion groups, <stage keys joined by +>.npz on its parent
 PLAN_ARTIFACT = "plan.yaml"  # a sweep's plan, on its parent run
 REPORT_DIR = "report"  # `vggdist report`'s files, on the sweep's parent run
 

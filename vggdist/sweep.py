@@ -148,7 +148,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results.
     `callbacks` (`vggdist.callbacks`) go to every stage's training workers."""
-    from vggdist.ray_eval import evaluate_fusion
+    from vggdist.ray_eval import evaluate_fusion, log_outcomes
     from vggdist.ray_fit import use_local_mode
     from vggdist.ray_train import storage_path
     from vggdist.shardformat import data_dirs
@@ -240,7 +240,7 @@ def run_sweep(
         last = stage_of[
             group[-1]
         ]  # Table 6 fuses at the test scales of the (jittered) members: the last one's
-        fusion_rows += evaluate_fusion(
+        fused = evaluate_fusion(
             [results[k]["run_id"] for k in group],
             data_dir,
             labels=[f"{stage_of[k].config}/{stage_of[k].scale_label}" for k in group],
@@ -250,6 +250,10 @@ def run_sweep(
             workers=configs[group[0]].run.workers,
             gpu=gpu,
         )
+        # the per-image outcomes beside the rows, for the report's fusion-vs-best-member test
+        outcomes = f"{runmeta.FUSION_OUTCOMES_DIR}/{'+'.join(group)}.npz"
+        log_outcomes(parent, fused["outcomes"], {**fused["outcomes_meta"], "stages": list(group)}, outcomes)
+        fusion_rows += [{**r, "outcomes": outcomes} for r in fused["rows"]]
     if p.fusion:
         parent.log_dict({"rows": fusion_rows}, runmeta.FUSION_RESULTS)
     parent.set_tags({runmeta.TAG_FUSION_DONE: runmeta.TRUE})
