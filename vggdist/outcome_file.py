@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,3 +184,14 @@ def read_outcomes(path: str | os.PathLike) -> OutcomeFile:
         rows[key] = RowOutcome(all_keys[mask], bits["top1"][mask], bits["top5"][mask])
         paper[key] = tuple(int(q) for q in s.get("paper_scales") or s["scales"])
     return OutcomeFile({k: v for k, v in meta.items() if k != "settings"}, rows, paper)
+
+
+def log_outcomes(tracker: Any, outcomes: Outcomes, meta: dict[str, Any], artifact_file: str) -> None:
+    """Per-image outcomes as the artifact `artifact_file` (e.g. eval_outcomes.npz) of a `vggdist.tracking.Tracker`'s
+    run (copied into its durable spool now); `meta` as `vggdist.ray_eval.evaluate` returns it (`test_scales` →
+    `paper_test_scales` label the settings in paper units)."""
+    with tempfile.TemporaryDirectory(prefix="vggdist-outcomes-") as tmp:
+        path = Path(tmp) / os.path.basename(artifact_file)
+        paper = dict(zip(meta["test_scales"], meta["paper_test_scales"], strict=True))
+        write_outcomes(path, outcomes, paper_scales=paper, meta=meta)
+        tracker.log_artifact(path, os.path.dirname(artifact_file) or None)

@@ -9,7 +9,6 @@ image count against manifest.json, and logs the error rates and the results tabl
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from vggdist import checkpoint as ckpt
 from vggdist import cluster, runmeta, tracking
 from vggdist.data import check_eval_count, expected_eval_count
 from vggdist.eval_run import evaluate_shard_slice
-from vggdist.outcome_file import write_outcomes
+from vggdist.outcome_file import log_outcomes
 from vggdist.outcomes import Outcomes, results_markdown, results_rows
 from vggdist.shardformat import split_dir
 
@@ -152,18 +151,6 @@ def evaluate(
         "outcomes": outcomes,
         "outcomes_meta": meta,
     }
-
-
-def log_outcomes(
-    tracker: tracking.Tracker, outcomes: Outcomes, meta: dict[str, Any], artifact_file: str
-) -> None:
-    """Per-image outcomes as the artifact `artifact_file` (e.g. eval_outcomes.npz) of the tracker's run; `meta`
-    as `evaluate` returns it (`test_scales` → `paper_test_scales` label the settings in paper units)."""
-    with tempfile.TemporaryDirectory(prefix="vggdist-outcomes-") as tmp:
-        path = Path(tmp) / os.path.basename(artifact_file)
-        paper = dict(zip(meta["test_scales"], meta["paper_test_scales"], strict=True))
-        write_outcomes(path, outcomes, paper_scales=paper, meta=meta)
-        tracker.log_artifact(path, os.path.dirname(artifact_file) or None)  # copied into the spool now
 
 
 def evaluate_fusion(

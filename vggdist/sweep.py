@@ -148,7 +148,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the staged plan; returns {stage key: child run id, ...} and the fusion results.
     `callbacks` (`vggdist.callbacks`) go to every stage's training workers."""
-    from vggdist.ray_eval import evaluate_fusion, log_outcomes
+    from vggdist.outcome_file import log_outcomes
+    from vggdist.ray_eval import evaluate_fusion
     from vggdist.ray_fit import use_local_mode
     from vggdist.ray_train import storage_path
     from vggdist.shardformat import data_dirs
