@@ -5,7 +5,7 @@
 2. `vggdist-preprocess shard` writes train and val WebDataset shards with their RGB statistics;
 3. `vggdist sweep --plan mini` (`vggdist.plan`): A, and D from a random init; B and D from A (staged init,
    §3.1); D fine-tuned with scale jittering; every run scored densely at three scales on all 2,000 held-out
-   images, multi-crop and combined on a stated quarter of them; fusion of two nets (Table 6);
+   images, multi-crop and combined on a stated fifth of them; fusion of two nets (Table 6);
 4. `vggdist report`: the paper's tables with ours beside them (95 % intervals), paired tests between runs on the
    same images, the findings (one verdict per paper claim), the error-vs-depth plot and the training curves.
 Everything runs on one private local Ray started once by this process (or the cluster that `--address` /
