@@ -18,6 +18,8 @@ from vggdist.evaluate import (
     multiscale,
     rescale,
     single_posteriors,
+    tencrop_boxes,
+    tencrop_posteriors,
     topk_hits,
 )
 from vggdist.models import build_vgg
@@ -102,6 +104,17 @@ def test_multicrop_boxes_grid_corners_and_borders():
     assert multicrop_boxes(10, 20, 4, grid=1) == [(3, 8)]
     with pytest.raises(ValueError, match="does not fit"):
         multicrop_boxes(100, 300, 224)
+
+
+def test_tencrop_boxes_are_the_four_corners_and_the_centre():
+    assert tencrop_boxes(37, 50, 32) == [(0, 0), (0, 18), (5, 0), (5, 18), (2, 9)]
+    assert tencrop_boxes(256, 341, 224) == [(0, 0), (0, 117), (32, 0), (32, 117), (16, 58)]
+    assert tencrop_boxes(224, 224, 224) == [(0, 0)] * 5  # image the size of the crop
+    c = torch.arange(37 * 50.0).reshape(1, 37, 50)
+    top, left = tencrop_boxes(37, 50, 32)[-1]
+    assert torch.equal(c[:, top : top + 32, left : left + 32], center_crop(c, 32))  # the single-crop view
+    with pytest.raises(ValueError, match="does not fit"):
+        tencrop_boxes(31, 50, 32)
 
 
 def test_crop_count_is_50_per_scale_and_150_over_three(model):
@@ -225,6 +238,34 @@ def _keys(n, start=0):
     return [f"k{i:03d}" for i in range(start, start + n)]
 
 
+def _brute_tencrop(model, image, q):
+    image = rescale(image, q)
+    crops = [image[:, t : t + CROP, x : x + CROP] for t, x in tencrop_boxes(*image.shape[1:], CROP)]
+    views = torch.stack(crops + [crop.flip(-1) for crop in crops])  # (10, 3, CROP, CROP)
+    with torch.no_grad():
+        return model(views).softmax(dim=1).mean(0)
+
+
+def test_tencrop_matches_brute_force_with_ten_views_per_image(model):
+    images = _images(*SIZES)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        ten = tencrop_posteriors(model, images, 36, CROP, batch_size=7)  # chunks straddle images
+    finally:
+        handle.remove()
+    assert sum(rows) == 10 * len(images) and ten.shape == (len(images), K)
+    _close(ten, torch.stack([_brute_tencrop(model, im, 36) for im in images]))
+    labels = torch.tensor([4, 5, 5, 1, 0])
+    out = evaluate_images(
+        [EvalNet.of(model, CROP)], images, labels, _keys(5), protocols=("tencrop",), scales=(36,)
+    )
+    assert list(out.top1) == [EvalKey("tencrop", (36,))]
+    assert out.top1[EvalKey("tencrop", (36,))].tolist() == topk_hits(ten, labels)[1].tolist()
+    # not vacuous: the corners move the posteriors away from the centre crop's
+    assert not torch.allclose(ten, single_posteriors(model, images, 36, CROP))
+
+
 def test_evaluate_images_settings_hits_and_single_computation(model):
     images = _images(*SIZES[:4])
     labels = torch.tensor([4, 5, 5, 1])  # some right, some wrong
@@ -269,8 +310,8 @@ def test_evaluate_images_settings_hits_and_single_computation(model):
     assert both.keys == _keys(4) and both.counts() == {
         EvalKey("dense", (40,)): counts[EvalKey("dense", (40,))]
     }
-    with pytest.raises(ValueError, match="single, dense, multicrop, combined"):
-        evaluate_images([net], images, labels, _keys(4), protocols=("tencrop",), scales=(40,))
+    with pytest.raises(ValueError, match="single, tencrop, dense, multicrop, combined"):
+        evaluate_images([net], images, labels, _keys(4), protocols=("fivecrop",), scales=(40,))
 
 
 def test_fusion_averages_the_networks_posteriors(model):
@@ -344,6 +385,11 @@ def test_protocols_run_on_a_resnet(resnet):
         _close(dense_posteriors(to_dense(resnet), images, q), p)  # whole images of several sizes
     single = torch.stack([_brute_single(resnet, im, 40) for im in images])
     assert out.top1[EvalKey("single", (40,))].tolist() == topk_hits(single, labels)[1].tolist()
+    ten = evaluate_images(
+        [EvalNet.of(resnet, CROP)], images, labels, _keys(4), protocols=("tencrop",), scales=(37,)
+    )
+    want = torch.stack([_brute_tencrop(resnet, im, 37) for im in images])  # He et al.'s Table 2 test
+    assert ten.top1[EvalKey("tencrop", (37,))].tolist() == topk_hits(want, labels)[1].tolist()
     multi = torch.stack([_brute_multicrop(resnet, im, 40) for im in images])
     assert out.top1[EvalKey("multicrop", (40,))].tolist() == topk_hits(multi, labels)[1].tolist()
     assert len(set(single.argmax(1).tolist())) > 1  # not vacuous
@@ -356,6 +402,7 @@ def test_bn_net_evaluation_is_deterministic_and_independent_of_the_batch_split(r
         "single": (lambda ims, b: single_posteriors(resnet, ims, 40, CROP, batch_size=b), 1),
         "dense": (lambda ims, b: dense_posteriors(dense, ims, 40, batch_size=b), 1),
         "multicrop": (lambda ims, b: multicrop_posteriors(resnet, ims, 40, CROP, batch_size=b), 7),
+        "tencrop": (lambda ims, b: tencrop_posteriors(resnet, ims, 40, CROP, batch_size=b), 3),
     }
     for name, (run, small) in protocols.items():
         whole = run(images, 64)

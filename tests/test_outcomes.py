@@ -24,8 +24,9 @@ def test_eval_keys_order_and_validation():
         EvalKey("multicrop", (37, 55)),
     ]
     assert eval_keys(["single"], [37]) == [EvalKey("single", (37,))]
-    with pytest.raises(ValueError, match="single, dense, multicrop, combined"):
-        EvalKey("tencrop", (37,))
+    assert eval_keys(["tencrop"], [37]) == [EvalKey("tencrop", (37,))]  # He et al.'s 10-crop test
+    with pytest.raises(ValueError, match="single, tencrop, dense, multicrop, combined"):
+        EvalKey("fivecrop", (37,))
     with pytest.raises(ValueError, match="positive"):
         EvalKey("dense", ())
     with pytest.raises(ValueError, match="at least one test scale"):

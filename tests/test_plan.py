@@ -2,8 +2,14 @@
 
 import pytest
 
+from vggdist.config import preset
 from vggdist.paper import multi_test_scales
 from vggdist.plan import Plan, Stage, builtin_plan, load_plan, plan_to_yaml, stage_config
+
+
+def _configs(plan, **kw):
+    kw = {"workers": None, "gpu": False, "experiment": "e", "sets": [], **kw}
+    return {s.key: stage_config(plan, s, run_name=f"r-{s.key}", **kw) for s in plan.stages}
 
 
 def test_paper_plan_is_the_studys_dag():
@@ -64,7 +70,7 @@ def test_plan_yaml_round_trip_and_errors(tmp_path):
         Plan("bad", "mini", (Stage("a", "A", (256,)), Stage("a", "B", (256,))))
     with pytest.raises(ValueError, match="unknown stages"):
         Plan("bad", "mini", (Stage("a", "A", (256,)),), fusion=(("a", "z"),))
-    with pytest.raises(ValueError, match="use paper, mini, study, or a plan YAML"):
+    with pytest.raises(ValueError, match="use paper, mini, study, degradation, degradation-mini, or a plan YAML"):
         builtin_plan("nonexistent.yaml")
     (tmp_path / "broken.yaml").write_text("stages:\n  - {config: A}\n")
     with pytest.raises(ValueError, match="each stage needs key, config, train_scale"):
@@ -113,3 +119,49 @@ def test_demo_and_study_plans_measure_every_claim_with_controlled_pairs():
         )
         assert fixed.train_scale == (256,) and jit.train_scale == (256, 512)
     assert study.fusion == (("4-D-S256-512", "4-E-S256-512"),)
+
+
+def test_a_stage_without_init_takes_the_presets_and_the_vgg_plans_keep_theirs():
+    assert Stage("a", "A", (256,)).init is None
+    for name in ("paper", "mini", "study"):  # the VGG plans name every stage's init
+        plan = builtin_plan(name)
+        assert all(s.init for s in plan.stages)
+        assert [c.run.init for c in _configs(plan).values()] == [s.init for s in plan.stages]
+    plain = Plan("p", "mini", (Stage("a", "A", (256,)),))
+    assert _configs(plain)["a"].run.init == preset("mini").run.init == "glorot"
+    he = Plan("h", "resnet-mini", (Stage("r", "resnet-20", (256, 480)),))
+    assert _configs(he)["r"].run.init == "he"
+    assert _configs(he)["r"].eval.test_scales == (32, 37, 55, 69, 91)  # He et al.'s Q set by default
+
+
+def test_degradation_plans_are_four_independent_nets_on_the_resnet_presets():
+    full, mini = builtin_plan("degradation"), builtin_plan("degradation-mini")
+    assert [s.key for s in full.stages] == ["plain-18", "plain-34", "resnet-18", "resnet-34"]
+    assert [s.config for s in mini.stages] == ["plain-20", "plain-56", "resnet-20", "resnet-56"]
+    assert (full.preset, mini.preset, full.fusion, mini.fusion) == ("resnet-paper", "resnet-mini", (), ())
+    for plan in (full, mini):
+        assert all(s.init_from is None for s in plan.stages)  # no DAG edges: all four train at once
+        assert {s.scale_label for s in plan.stages} == {"256-480"}
+    cfgs = _configs(full, workers=8, gpu=True)
+    for key, cfg in cfgs.items():
+        assert cfg.model.name == key and cfg.model.shortcut == "A" and cfg.model.batch_norm
+        assert (cfg.run.init, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.global_batch_size) == (
+            "he",
+            0.1,
+            1e-4,
+            256,
+        )
+        assert (cfg.data.scale_jitter, cfg.data.crop_size, cfg.data.validation_scale) == (
+            (256, 480),
+            224,
+            256,
+        )
+        assert cfg.eval.test_scales == (224, 256, 384, 480, 640)
+        assert cfg.eval.protocols == ("single", "tencrop", "dense") and cfg.run.workers == 8
+    small = _configs(mini, sets=["schedule.epochs=3"])
+    for key, cfg in small.items():
+        assert cfg.model.name == key and cfg.model.widths == (16, 32, 64) and cfg.run.init == "he"
+        assert (cfg.data.scale_jitter, cfg.data.crop_size, cfg.data.validation_scale) == ((37, 69), 32, 37)
+        assert (cfg.optim.lr, cfg.optim.global_batch_size, cfg.schedule.epochs) == (0.1, 128, 3)
+        assert cfg.eval.test_scales == (37,) and cfg.eval.protocols == ("single", "tencrop")
+    assert "degradation-mini" in plan_to_yaml(mini)

@@ -111,8 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(
             "evaluate needs --run RUN_ID (from the MLflow UI or `vggdist train`) or --checkpoint PATH"
         )
-    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
-    bad = [p for p in protocols if p not in PROTOCOLS]
+    protocols = tuple(p.strip() for p in (args.protocols or "").split(",") if p.strip()) or None
+    bad = [p for p in protocols or () if p not in PROTOCOLS]
     if bad:
         raise UsageError(f"--protocols has unknown {bad}; choose from {','.join(PROTOCOLS)}")
     scales = _int_list(args.scales, "--scales") if args.scales else None
@@ -284,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint directory instead of --run")
     e.add_argument("--data", required=True, help="directory with val/ shards (or a split directory)")
     e.add_argument("--split", default="val")
-    e.add_argument("--protocols", default=",".join(PROTOCOLS))
+    e.add_argument(
+        "--protocols",
+        help=f"comma-separated, from {','.join(PROTOCOLS)} (default: the run's eval.protocols; VGG presets: "
+        "single,dense,multicrop,combined, He et al.'s: single,tencrop,dense)",
+    )
     e.add_argument("--scales", help="test scales Q, e.g. 256,384,512 (default: the run's eval.test_scales)")
     e.add_argument(
         "--ensemble", nargs="+", metavar="RUN_ID", help="fuse these runs' posteriors with --run's (Table 6)"
@@ -302,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--plan",
         default="paper",
-        help="paper, mini (the demo's), study (the reduced-scale reproduction), or a plan YAML file",
+        help="paper, mini (the demo's), study (the reduced-scale reproduction) — VGG; degradation, "
+        "degradation-mini — He et al.'s plain vs residual; or a plan YAML file",
     )
     s.add_argument("--workers", type=int, help="Ray Train workers per training run")
     s.add_argument("--gpu", action="store_true")

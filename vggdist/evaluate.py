@@ -4,6 +4,8 @@ An image is a normalised float tensor (3, H, W) of any size. For a test scale Q 
 so its smallest side is Q, then scored by one of the protocols (each returns soft-max posteriors (N, K)):
 
 - ``single``: the centre ``crop × crop`` crop (Table 3).
+- ``tencrop``: the centre crop and the four corner crops, and their horizontal flips, soft-max averaged: the
+  "standard 10-crop testing" of He et al. 2016 §3.4 (Krizhevsky et al. 2012), at the scale Q = 256.
 - ``dense``: the fully-convolutional net (`vggdist.dense`) on the whole image; the class score map is
   spatially averaged, and the soft-max of the image and of its horizontal flip are averaged (Tables 3–5).
 - ``multicrop``: a regular 5×5 grid of crops and their flips, 50 per scale, soft-max averaged (Table 5).
@@ -29,7 +31,7 @@ from torch import nn
 
 from vggdist.dense import to_dense
 from vggdist.outcomes import EvalKey, Outcomes, eval_keys, subset_mask
-from vggdist.runmeta import COMBINED, DENSE, MULTICROP, PROTOCOLS, SINGLE
+from vggdist.runmeta import COMBINED, DENSE, MULTICROP, PROTOCOLS, SINGLE, TENCROP, VGG_PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ __all__ = [
     "protocol_posteriors",
     "rescale",
     "single_posteriors",
+    "tencrop_boxes",
+    "tencrop_posteriors",
     "topk_hits",
 ]
 
@@ -100,6 +104,14 @@ def multicrop_boxes(height: int, width: int, crop: int, grid: int = 5) -> list[t
     _check_fits(height, width, crop)
     tops, lefts = _grid_offsets(height, crop, grid), _grid_offsets(width, crop, grid)
     return [(top, left) for top in tops for left in lefts]
+
+
+def tencrop_boxes(height: int, width: int, crop: int) -> list[tuple[int, int]]:
+    """(top, left) of the 10-crop test's five boxes: the four corners (top-left, top-right, bottom-left,
+    bottom-right), then the centre (offsets rounded down, as `center_crop`)."""
+    _check_fits(height, width, crop)
+    bottom, right = height - crop, width - crop
+    return [(0, 0), (0, right), (bottom, 0), (bottom, right), (bottom // 2, right // 2)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,6 +230,31 @@ def dense_posteriors(
     return _mean_posteriors(dense_model, views, len(images), batch_size)
 
 
+def _crops_posteriors(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    q: int,
+    crop: int,
+    boxes: Callable[[int, int], list[tuple[int, int]]],
+    flip: bool,
+    batch_size: int,
+) -> torch.Tensor:
+    """Mean soft-max over the ``crop`` boxes `boxes(height, width)` of each image rescaled to ``q`` (and their
+    horizontal flips): (N, K). The flipped views are the flips of the crops, i.e. the crops of the flipped
+    image at the mirrored positions."""
+    _check_images(images)
+
+    def views() -> Iterator[tuple[int, torch.Tensor]]:
+        for i, image in enumerate(images):
+            image = _rescaled(model, image, q)
+            crops = torch.stack(
+                [image[:, top : top + crop, left : left + crop] for top, left in boxes(*image.shape[-2:])]
+            )  # (m, 3, c, c)
+            yield i, torch.cat([crops, crops.flip(-1)]) if flip else crops  # (2m, 3, c, c)
+
+    return _mean_posteriors(model, views(), len(images), batch_size)
+
+
 def multicrop_posteriors(
     model: nn.Module,
     images: Sequence[torch.Tensor],
@@ -233,18 +270,17 @@ def multicrop_posteriors(
     The flipped views are the flips of the grid crops, i.e. the crops of the flipped image at the mirrored
     grid positions (the grid is symmetric up to rounding).
     """
-    _check_images(images)
+    return _crops_posteriors(
+        model, images, q, crop, lambda h, w: multicrop_boxes(h, w, crop, grid), flip, batch_size
+    )
 
-    def views() -> Iterator[tuple[int, torch.Tensor]]:
-        for i, image in enumerate(images):
-            image = _rescaled(model, image, q)
-            boxes = multicrop_boxes(image.shape[-2], image.shape[-1], crop, grid)
-            crops = torch.stack(
-                [image[:, top : top + crop, left : left + crop] for top, left in boxes]
-            )  # (grid², 3, c, c)
-            yield i, torch.cat([crops, crops.flip(-1)]) if flip else crops  # (2·grid², 3, c, c)
 
-    return _mean_posteriors(model, views(), len(images), batch_size)
+def tencrop_posteriors(
+    model: nn.Module, images: Sequence[torch.Tensor], q: int, crop: int, *, batch_size: int = 64
+) -> torch.Tensor:
+    """10-crop evaluation at scale ``q`` (He et al. 2016 §3.4): mean soft-max over the four corner crops and the
+    centre crop (`tencrop_boxes`) and their horizontal flips: (N, K)."""
+    return _crops_posteriors(model, images, q, crop, lambda h, w: tencrop_boxes(h, w, crop), True, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,6 +378,8 @@ def protocol_posteriors(
         got: dict[str, torch.Tensor] = {}
         if SINGLE in protocols:
             got[SINGLE] = single_posteriors(net.model, x, q, net.crop, batch_size=batch_size)
+        if TENCROP in protocols:
+            got[TENCROP] = tencrop_posteriors(net.model, x, q, net.crop, batch_size=batch_size)
         if need_dense:
             got[DENSE] = dense_posteriors(net.dense, x, q, batch_size=batch_size)
         if need_multicrop:
@@ -359,7 +397,7 @@ def evaluate_images(
     labels: torch.Tensor,
     sample_keys: Sequence[str],
     *,
-    protocols: Sequence[str] = PROTOCOLS,
+    protocols: Sequence[str] = VGG_PROTOCOLS,
     scales: Sequence[int],
     grid: int = 5,
     batch_size: int = 64,

@@ -35,9 +35,11 @@ SCALES: dict[str, dict] = {
     "mini": {"widths": (16, 32, 64, 128, 128), "fc_width": 256, "crop_size": 32},
 }
 
-# The test protocols of §3.2 / §4.3 under the names used in metrics and eval_results.json.
+# The test protocols of §3.2 / §4.3 (and He et al.'s 10-crop) under the names used in metrics and
+# eval_results.json.
 PROTOCOL_LABELS = {
     "single": "single crop",
+    "tencrop": "10-crop",
     "dense": "dense",
     "multicrop": "multi-crop",
     "combined": "multi-crop & dense",

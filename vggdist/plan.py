@@ -8,6 +8,12 @@ Plan `paper` (what the study did, Tables 3–6):
   5. every run evaluated (dense at its Table-4 scale set, which includes its Table-3 scale; multi-crop and combined
      for the jittered runs, Table 5), and the fusion of D and E jittered (Table 6).
 Plan `mini`: the same code on the mini preset — A; B and D from A; D jittered from D — small enough for the demo.
+Plan `degradation` (He et al. 2016, Table 2 / Fig. 4): plain-18, plain-34, resnet-18 and resnet-34 on the
+`resnet-paper` preset, each from scratch (He init), independent, so they train concurrently on the same shards;
+evaluated with the 10-crop test at Q=256 and the fully-convolutional test at Q in {224, 256, 384, 480, 640}.
+Plan `degradation-mini`: the same comparison at CIFAR size (§4.2, Table 6 / Fig. 6) on the `resnet-mini` preset:
+plain-20, plain-56, resnet-20, resnet-56, evaluated with the centre crop and the 10-crop test at Q=256 (paper
+units; 37 at crop 32), which a 2-core machine can afford.
 A user plan is a YAML file with the same fields as `Plan` (see README). Scales are in paper units (224-pixel
 crops); `stage_config` maps them to the preset's crop. `vggdist.sweep` runs a plan. No ray or mlflow here.
 """
@@ -20,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from vggdist import paper
-from vggdist.config import Config, preset
-from vggdist.runmeta import COMBINED, DENSE, MULTICROP
+from vggdist import paper, resnet_paper
+from vggdist.config import RESNET_PROTOCOLS, Config, preset
+from vggdist.runmeta import COMBINED, DENSE, MULTICROP, SINGLE, TENCROP
 
 TABLE5_PROTOCOLS = (DENSE, MULTICROP, COMBINED)  # what the jittered runs and the fusion are scored with
-BUILTIN_PLANS = ("paper", "mini", "study")
+BUILTIN_PLANS = ("paper", "mini", "study", "degradation", "degradation-mini")
 FINETUNE_LR = 1e-3  # §3.1: the S=384 net "was trained with a smaller initial learning rate of 10^-3"
 
 
@@ -36,11 +42,11 @@ class Stage:
     key: str  # unique, e.g. "2-D-S256"
     config: str  # Table 1 column
     train_scale: tuple[int, ...]  # (256,) fixed S or (256, 512) jittered
-    init: str = "normal"  # normal | glorot | from-shallower | resume-weights
+    init: str | None = None  # None -> the preset's run.init | normal | glorot | he | from-shallower | resume-weights
     init_from: str | None = None  # key of the stage whose checkpoint initialises this one
     lr: float | None = None  # None -> the preset's lr
     epochs: int | None = None  # None -> the preset's epochs
-    test_scales: tuple[int, ...] | None = None  # None -> Table 4's set for the training scale
+    test_scales: tuple[int, ...] | None = None  # None -> Table 4's set (VGG), He et al.'s §3.4 set (plain/resnet)
     protocols: tuple[str, ...] = (DENSE,)
 
     @property
@@ -50,8 +56,13 @@ class Stage:
 
     @property
     def paper_test_scales(self) -> tuple[int, ...]:
-        """Its test scales Q in paper units: `test_scales`, else Table 4's set for the training scale."""
-        return self.test_scales or paper.multi_test_scales(self.train_scale)
+        """Its test scales Q in paper units: `test_scales`, else Table 4's set for the training scale (VGG) or
+        He et al.'s multi-scale test set (their plain and residual nets)."""
+        if self.test_scales:
+            return self.test_scales
+        if self.config in resnet_paper.CONFIGS:
+            return resnet_paper.TEST_SCALES
+        return paper.multi_test_scales(self.train_scale)
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,17 @@ def _stages(
     return tuple(out)
 
 
+def _degradation(name: str, preset_name: str, configs: tuple[str, ...], **stage: object) -> Plan:
+    """He et al.'s plain / residual comparison: one independent stage per network, from scratch (the preset's He
+    init), at the paper's scale augmentation S in [256, 480]; `stage` holds the evaluation fields."""
+    return Plan(
+        name,
+        preset_name,
+        tuple(Stage(c, c, resnet_paper.TRAIN_SCALE_JITTER, **stage) for c in configs),  # type: ignore[arg-type]
+        fusion=(),
+    )
+
+
 def builtin_plan(name: str) -> Plan:
     """One of `BUILTIN_PLANS`, or the path of a plan YAML file."""
     if name == "paper":
@@ -148,6 +170,24 @@ def builtin_plan(name: str) -> Plan:
         return _mini_plan()
     if name == "study":
         return _study_plan()
+    if name == "degradation":
+        return _degradation(
+            "degradation",
+            "resnet-paper",
+            resnet_paper.names_of_layout("imagenet"),
+            test_scales=resnet_paper.TEST_SCALES,
+            protocols=RESNET_PROTOCOLS,
+        )
+    if name == "degradation-mini":
+        # Table 2's 10-crop test (and the centre crop) at Q=256 only: the fully-convolutional test at five scales
+        # would cost ~4x the 10-crop on a CPU; add it with a plan file (test_scales, protocols) where that is cheap.
+        return _degradation(
+            "degradation-mini",
+            "resnet-mini",
+            resnet_paper.names_of_layout("cifar"),
+            test_scales=(256,),
+            protocols=(SINGLE, TENCROP),
+        )
     path = Path(name)
     if not path.is_file():
         raise ValueError(
@@ -201,13 +241,13 @@ def stage_config(
     run_name: str,
     sets: list[str],
 ) -> Config:
-    """The Config of one stage: the plan's preset with the stage's model, scales, init and lr."""
+    """The Config of one stage: the plan's preset with the stage's model, scales, init and lr (the preset's own
+    init, epochs and lr where the stage leaves them None)."""
     cfg = preset(plan.preset, model=stage.config)
     crop = cfg.data.crop_size
     scale = tuple(paper.to_crop(s, crop) for s in stage.train_scale)
-    data = replace(
-        cfg.data, train_scale=scale[0], scale_jitter=scale if len(scale) == 2 else None, val_scale=None
-    )
+    # the preset's validation scale stays: None (VGG: Q = S, or 384 when jittered), He et al.'s Q = 256
+    data = replace(cfg.data, train_scale=scale[0], scale_jitter=scale if len(scale) == 2 else None)
     test_scales = tuple(paper.to_crop(q, crop) for q in stage.paper_test_scales)
     cfg = replace(
         cfg,
@@ -217,7 +257,7 @@ def stage_config(
         schedule=replace(cfg.schedule, epochs=stage.epochs or cfg.schedule.epochs),
         run=replace(
             cfg.run,
-            init=stage.init,
+            init=stage.init or cfg.run.init,
             init_from=f"stage:{stage.init_from}"
             if stage.init_from
             else None,  # resolved when the stage starts

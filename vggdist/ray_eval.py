@@ -81,7 +81,7 @@ def evaluate(
     run_or_checkpoint: str,
     data_dir: str,
     *,
-    protocols: tuple[str, ...] = runmeta.PROTOCOLS,
+    protocols: tuple[str, ...] | None = None,
     scales: list[int] | None = None,
     paper_scales: list[int] | None = None,
     ensemble: list[str] | None = None,
@@ -92,8 +92,9 @@ def evaluate(
     gpu: bool = False,
     multicrop_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards; multi-crop and
-    combined on the stated subset `multicrop_fraction` of the images (default: the run's eval config).
+    """§4 evaluation of a run (fused with `ensemble` runs when given) on the validation shards, with `protocols`
+    at `scales` (default: the run's `eval.protocols` and `eval.test_scales`); multi-crop and combined on the
+    stated subset `multicrop_fraction` of the images (default: the run's eval config).
 
     Logs `eval/<protocol>/<scales>/top1_err|top5_err` with their 95 % Wilson bounds (`top1_lo|top1_hi|...`),
     the `eval_results` table and the per-image outcomes (`eval_outcomes.npz`, `vggdist.outcome_file`) to the
@@ -112,6 +113,7 @@ def evaluate(
     cfg = ckpt.load_config(members[0][0])
     scales = list(scales or cfg.eval.test_scales)
     fraction = cfg.eval.multicrop_fraction if multicrop_fraction is None else multicrop_fraction
+    protocols = tuple(protocols or cfg.eval.protocols)
     outcomes = _distributed_outcomes(
         [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu, fraction
     )

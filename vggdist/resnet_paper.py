@@ -1,7 +1,8 @@
 """He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (arXiv:1512.03385), as data.
 
 Table 1's ImageNet networks at 18 and 34 layers and §4.2's CIFAR-10 networks (6n+2 layers), each plain (no
-shortcuts) or residual; the shortcut options of §3.3; the training and test scales of §3.4. No torch here:
+shortcuts) or residual; the shortcut options of §3.3; the training and test scales of §3.4; the published
+errors of Tables 2, 3 and 6 (`PUBLISHED`) that `vggdist report` puts beside a degradation sweep's. No torch here:
 `vggdist.config` validates names and widths against this module, `vggdist.resnet` builds the networks.
 
 Every network is a stem, stages of *basic blocks* (two 3×3 convs, BN after each, ReLU), global average pooling
@@ -22,12 +23,15 @@ __all__ = [
     "DEFAULT_SHORTCUT",
     "LAYOUTS",
     "SHORTCUTS",
+    "PUBLISHED",
     "TEST_SCALES",
     "TRAIN_SCALE_JITTER",
     "Layout",
     "NetConfig",
+    "Published",
     "layout_of",
     "names_of_layout",
+    "published",
 ]
 
 
@@ -113,3 +117,38 @@ def layout_of(name: str) -> Layout:
 def names_of_layout(layout: str) -> tuple[str, ...]:
     """The networks of one layout, in CONFIGS order: ``names_of_layout("cifar")`` → plain-20 … resnet-56."""
     return tuple(n for n, c in CONFIGS.items() if c.layout == layout)
+
+
+# ------------------------------------------------------------------------------------------------ the results
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published error (%) of a network: `table` 2 (ImageNet validation, 10-crop test at Q=256, top-1; the
+    top-5 from Table 3 where it lists the net) or 6 (CIFAR-10 test set, one view of the 32×32 image)."""
+
+    table: int
+    config: str
+    top1_err: float
+    top5_err: float | None = None
+
+
+PUBLISHED: tuple[Published, ...] = (
+    # Table 2: "Top-1 error (%, 10-crop testing) on ImageNet validation"; the ResNets use option A shortcuts
+    # ("zero-padding for increasing dimensions, so they have no extra parameter compared to the plain
+    # counterparts"). Table 3 adds top-5 for the 34-layer nets (plain-34 10.02, ResNet-34 A 7.76).
+    Published(2, "plain-18", 27.94),
+    Published(2, "plain-34", 28.54, 10.02),
+    Published(2, "resnet-18", 27.88),
+    Published(2, "resnet-34", 25.03, 7.76),
+    # Table 6: "Classification error on the CIFAR-10 test set"; ResNet-20 (0.27M parameters) and ResNet-56
+    # (0.85M). The plain nets of §4.2 are shown only as curves (Fig. 6, left: the deeper plain nets have the
+    # higher training and test error); the paper states no number for them, so none is given here.
+    Published(6, "resnet-20", 8.75),
+    Published(6, "resnet-56", 6.97),
+)
+
+
+def published(config: str) -> Published | None:
+    """The paper's error for network ``config``, or None where the paper gives none (the CIFAR plain nets)."""
+    return next((p for p in PUBLISHED if p.config == config), None)

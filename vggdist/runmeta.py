@@ -22,9 +22,12 @@ from vggdist.shardformat import MANIFEST, SHARD_COMMAND
 
 DEFAULT_EXPERIMENT = "vggdist"
 
-# The test protocols of §3.2 / §4, in the order tables list them (labels: `vggdist.paper.PROTOCOL_LABELS`).
-SINGLE, DENSE, MULTICROP, COMBINED = "single", "dense", "multicrop", "combined"
-PROTOCOLS = (SINGLE, DENSE, MULTICROP, COMBINED)
+# The test protocols, in the order tables list them (labels: `vggdist.paper.PROTOCOL_LABELS`): VGG's §3.2 / §4
+# (single, dense, multi-crop, combined) and He et al.'s §3.4 10-crop test (the centre and the four corners, and
+# their flips). `VGG_PROTOCOLS` are the VGG presets' and `vggdist evaluate`'s defaults for a VGG run.
+SINGLE, TENCROP, DENSE, MULTICROP, COMBINED = "single", "tencrop", "dense", "multicrop", "combined"
+PROTOCOLS = (SINGLE, TENCROP, DENSE, MULTICROP, COMBINED)
+VGG_PROTOCOLS = (SINGLE, DENSE, MULTICROP, COMBINED)
 
 # ---------------------------------------------------------------------------------------------------- tags
 # A training run.

@@ -11,12 +11,15 @@ import itertools
 from dataclasses import dataclass
 
 from vggdist import paper, resnet_paper
-from vggdist.runmeta import DEFAULT_EXPERIMENT, PROTOCOLS
+from vggdist.runmeta import DEFAULT_EXPERIMENT, DENSE, PROTOCOLS, SINGLE, TENCROP, VGG_PROTOCOLS
 
 VGG_CONFIG_NAMES = paper.CONFIG_ORDER
 RESNET_CONFIG_NAMES = resnet_paper.CONFIG_ORDER  # He et al. 2016: plain-18 … resnet-56
 CONFIG_NAMES = VGG_CONFIG_NAMES + RESNET_CONFIG_NAMES
 PRESETS = ("paper", "mini", "resnet-paper", "resnet-mini")
+# He et al. 2016's tests (§3.4): the centre crop (the per-epoch validation's), the 10-crop test of Table 2 (at
+# Q = 256) and the fully-convolutional multi-scale test (dense at Q in {224, 256, 384, 480, 640}).
+RESNET_PROTOCOLS = (SINGLE, TENCROP, DENSE)
 INIT_CHOICES = ("normal", "glorot", "he", "from-shallower", "resume-weights")
 
 
@@ -219,9 +222,9 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """§3.2 / §4: test protocols and test scales Q."""
+    """§3.2 / §4: test protocols and test scales Q (every protocol is scored at every Q, and averaged over them)."""
 
-    protocols: tuple[str, ...] = PROTOCOLS
+    protocols: tuple[str, ...] = VGG_PROTOCOLS
     test_scales: tuple[int, ...] = paper.MULTISCALE_Q
     batch_size: int = 32
     # Multi-crop (and combined, which needs it) scores 50 crops per image and scale: where that is too slow, it
