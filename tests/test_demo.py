@@ -2,6 +2,7 @@
 the same sweep that must skip every finished stage (found through MLflow)."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vggdist import tracking
+from vggdist.report_findings import CLAIMS
 
 pytestmark = pytest.mark.slow
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -42,11 +44,18 @@ def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "## Table 3" in p.stdout and "mlflow ui --backend-store-uri sqlite:///" in p.stdout
     assert not (work / "sweep-in-progress").exists()  # only an interrupted demo leaves its sweep name to resume
+    # error rates with their 95 % intervals and n; the findings table, one row per claim, ends the output
+    assert re.search(r"\| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] \|", p.stdout)
+    findings = p.stdout[p.stdout.rindex("## Findings") :]
+    assert p.stdout.index("mlflow ui") < p.stdout.rindex("## Findings")
+    assert all(claim in findings for claim in CLAIMS) and "McNemar" in p.stdout
+    assert findings.rstrip().splitlines()[-1].startswith("| fusion beats the best single net |")
     assert {f.name for f in (work / "report").iterdir()} >= {
         "report.md",
         "tables.csv",
         "tables.json",
         "error_vs_depth.png",
+        "training_curves.png",
     }
     uri = f"sqlite:///{work / 'mlflow.db'}"
     runs = tracking.find_runs("vggdist-demo", uri=uri)
@@ -71,6 +80,7 @@ def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
     )  # staged init lineage
     assert by_stage["4-D-S256-512"]["tags"]["vggdist.init_from"] == by_stage["2-D-S256"]["run_id"]
     assert "eval/combined/Q37-55-73/top1_err" in by_stage["4-D-S256-512"]["metrics"]
+    assert all("eval_outcomes.npz" in tracking.list_artifacts(r["run_id"], uri=uri) for r in children)
     first = time.time() - t0
 
     # the same sweep again: every stage is FINISHED and evaluated in MLflow, so nothing is retrained

@@ -213,6 +213,8 @@ def run_demo(
     _say(
         f"compare the runs in the MLflow UI:\n    mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
     )
+    # the findings end the output: which of the paper's claims this run reproduces, with CIs and paired tests
+    print("\n" + report["findings_markdown"], end="", flush=True)
     return (
         0 if ok or quick else 1
     )  # a --quick demo trains 1 epoch per stage: it shows the plumbing, not learning

@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from vggdist import paper, runmeta, tracking
-from vggdist.report_render import plot_error_vs_depth, render_markdown, write_csv
+from vggdist.outcome_file import OutcomeFile, read_outcomes
+from vggdist.report_compare import comparisons
+from vggdist.report_findings import findings
+from vggdist.report_plots import plot_error_vs_depth, plot_training_curves
+from vggdist.report_render import render_findings, render_markdown, write_csv
 from vggdist.report_tables import EVAL_ARTIFACT, build_tables, normalize_scale
 
 log = logging.getLogger(__name__)
@@ -54,27 +58,55 @@ def make_report(
     with tempfile.TemporaryDirectory(prefix="vggdist-report-") as tmp:
         runs = [_run_results(run, Path(tmp), uri) for run in children]
         fusion = _load_rows(sweep["run_id"], runmeta.FUSION_RESULTS, Path(tmp) / "fusion", uri) or []
+        fusion_files = _fusion_outcomes(sweep["run_id"], fusion, Path(tmp) / "fusion_outcomes", uri)
+    mark_variants(runs)
 
     tables = build_tables(runs, fusion)
+    fused = list(zip(fusion, fusion_files, strict=True))
+    compared = comparisons(runs, fused)
+    found = findings(runs, fused)
     plan = sweep["tags"].get(runmeta.TAG_PLAN, "")
-    markdown = render_markdown(tables, sweep, experiment_name, plan, runs)
+    findings_md = render_findings(found)
+    markdown = render_markdown(tables, sweep, experiment_name, plan, runs, compared) + "\n" + findings_md
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "report.md", out / "tables.csv", out / "tables.json", out / "error_vs_depth.png"]
+    names = ("report.md", "tables.csv", "tables.json", "error_vs_depth.png", "training_curves.png")
+    files = [out / name for name in names]
     files[0].write_text(markdown)
     write_csv(tables, files[1])
     meta = {"sweep_run_id": sweep["run_id"], "experiment": experiment_name, "plan": plan}
-    files[2].write_text(json.dumps({**meta, "tables": tables}, indent=2) + "\n")
+    doc = {**meta, "tables": tables, "comparisons": compared, "findings": found}
+    files[2].write_text(json.dumps(doc, indent=2) + "\n")
     plot_error_vs_depth(tables, files[3], mini=plan == "mini")
+    plot_training_curves(runs, files[4])
     tracking.upload_artifacts(sweep["run_id"], files, runmeta.REPORT_DIR, uri=uri)
     log.info("report for sweep %s written to %s and logged on the sweep run", sweep["run_id"], out)
     return {
         "markdown": markdown,
         "tables": tables,
+        "comparisons": compared,
+        "findings": found,
+        "findings_markdown": findings_md,
         "files": [str(f) for f in files],
         "sweep_run_id": sweep["run_id"],
     }
+
+
+def mark_variants(runs: list[dict[str, Any]]) -> None:
+    """Label each run; where several runs share a configuration and training scale (a random-init ablation, a
+    fixed-S fine-tune twin), the staged-init one (else the first) is the *canonical* run that the paper's rows
+    and the depth comparisons use, and the others are labelled with their stage."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["config"], r["train_scale"]), []).append(r)
+    for (config, scale), group in groups.items():
+        main = next((r for r in group if r["init"] == "from-shallower"), group[0])
+        for r in group:
+            r["canonical"] = r is main
+            variant = "" if r is main else f" ({r['stage'] or r['run_id'][:8]})"
+            r["label"] = f"{config}/{scale}{variant}"
+            r["table_config"] = f"{config}{variant}"  # its rows in Tables 3-5: the paper's only if canonical
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -112,6 +144,30 @@ def _load_rows(run_id: str, name: str, dst: Path, uri: str) -> list[dict[str, An
         return list(json.load(f).get("rows", []))
 
 
+def _outcomes(run_id: str, path: str, dst: Path, uri: str) -> OutcomeFile | None:
+    """A run's per-image outcomes artifact `path`, or None (with a warning when it is there but unreadable)."""
+    parent = os.path.dirname(path) or None
+    if path not in tracking.list_artifacts(run_id, parent, uri=uri):
+        return None
+    try:
+        return read_outcomes(tracking.download_artifact(run_id, path, dst, uri=uri))
+    except ValueError as e:
+        log.warning("run %s: %s; its paired comparisons are left out", run_id, e)
+        return None
+
+
+def _fusion_outcomes(
+    parent_id: str, fusion: list[dict[str, Any]], dst: Path, uri: str
+) -> list[OutcomeFile | None]:
+    """The outcomes file of every fusion row (`outcomes` names it on the sweep's run), read once per file."""
+    cache: dict[str, OutcomeFile | None] = {}
+    for row in fusion:
+        path = row.get("outcomes")
+        if path and path not in cache:
+            cache[path] = _outcomes(parent_id, path, dst, uri)
+    return [cache.get(row.get("outcomes") or "") for row in fusion]
+
+
 def _run_results(run: dict[str, Any], tmp: Path, uri: str) -> dict[str, Any]:
     """One child run as {run_id, config, train_scale, stage, status, rows}; rows is None if not evaluated."""
     tags = run["tags"]
@@ -125,6 +181,13 @@ def _run_results(run: dict[str, Any], tmp: Path, uri: str) -> dict[str, Any]:
         "stage": tags.get(runmeta.TAG_STAGE, ""),
         "status": run["status"],
         "rows": rows,
+        "init": run["params"].get("run.init", ""),
+        "init_from": tags.get(runmeta.TAG_INIT_FROM),
+        "outcomes": _outcomes(run["run_id"], runmeta.EVAL_OUTCOMES, tmp / run["run_id"], uri),
+        "history": {
+            key: tracking.metric_history(run["run_id"], key, uri=uri)
+            for key in (runmeta.TRAIN_TOP1_ERR, runmeta.VAL_TOP1_ERR)
+        },
     }
     if rows is None:
         log.warning(

@@ -1,18 +1,14 @@
-"""`vggdist report`'s outputs: the tables of `vggdist.report_tables` as Markdown and CSV, and the error-vs-depth plot."""
+"""`vggdist report`'s text outputs: the tables of `vggdist.report_tables`, the paired comparisons and the findings as
+Markdown, and the tables as CSV (the plots are `vggdist.report_plots`)."""
 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-
 from vggdist import paper
-from vggdist.report_tables import row_order
-from vggdist.runmeta import DENSE
+from vggdist.significance import ALPHA
 
 CSV_COLUMNS = (
     "table",
@@ -62,9 +58,15 @@ def _fmt_ci(r: dict[str, Any], k: str) -> str:
 
 
 def render_markdown(
-    tables: dict[str, list[dict]], sweep: dict[str, Any], experiment: str, plan: str, runs: list[dict]
+    tables: dict[str, list[dict]],
+    sweep: dict[str, Any],
+    experiment: str,
+    plan: str,
+    runs: list[dict],
+    compared: list[dict] | None = None,
 ) -> str:
-    """All four tables, a header naming the sweep, and the list of child runs, as one Markdown string."""
+    """All four tables, a header naming the sweep, the paired comparisons and the list of child runs, as one
+    Markdown string (the findings, `render_findings`, follow it in report.md)."""
     lines = [
         f"# vggdist report: sweep `{sweep['name']}` ({sweep['run_id']})",
         "",
@@ -110,6 +112,7 @@ def render_markdown(
             cells.append("—" if r["ours_n"] is None else str(r["ours_n"]))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += render_comparisons(compared or [])
     lines += [
         "## Runs of this sweep",
         "",
@@ -143,54 +146,67 @@ def write_csv(tables: dict[str, list[dict]], path: Path) -> None:
                 )
 
 
-def plot_error_vs_depth(tables: dict[str, list[dict]], path: str | os.PathLike, mini: bool = False) -> None:
-    """Top-1 and top-5 error against depth (Table 1 weight layers), one colour per protocol / train scale;
-    ours solid, the paper dashed. x is the configuration, ordered by depth, labelled with its layer count
-    (C and D both have 16 layers; A-LRN is A plus LRN)."""
-    # (table, train scale order, label) -> {"ours_top1": {config: err}, "paper_top5": {...}, ...}
-    series: dict[tuple, dict[str, dict[str, float]]] = {}
-    for number in ("3", "4", "5"):
-        for r in tables[number]:
-            if number == "5" and r["protocol"] == DENSE:
-                continue  # the same numbers as Table 4's multi-scale dense rows
-            if r["config"] not in paper.WEIGHT_LAYERS:
-                continue
-            what = {"3": "single Q, dense", "4": "multi Q, dense"}.get(number)
-            what = what or f"multi Q, {paper.PROTOCOL_LABELS.get(r['protocol'], r['protocol'])}"
-            key = (number, row_order(("", r["train_scale"], r["protocol"], ()))[2:5], what, r["train_scale"])
-            points = series.setdefault(key, {})
-            for who in ("ours", "paper"):
-                for k in ("top1", "top5"):
-                    if r[f"{who}_{k}"] is not None:
-                        points.setdefault(f"{who}_{k}", {})[r["config"]] = r[f"{who}_{k}"]
+def _ci(err: float | None, lo: float | None, hi: float | None) -> str:
+    return "—" if err is None else f"{err:.2f} [{lo:.2f}, {hi:.2f}]"
 
-    fig = Figure(figsize=(12, 6.5), layout="constrained")
-    axes = fig.subplots(1, 2)
-    xs = {c: i for i, c in enumerate(paper.CONFIG_ORDER)}
-    handles = []
-    for color, ((_, _, what, train_scale), points) in enumerate(sorted(series.items())):
-        label = f"S={_scale_label(train_scale)}, {what}"
-        for ax, k in zip(axes, ("top1", "top5"), strict=True):
-            for who, style in (("ours", "-o"), ("paper", "--x")):
-                pts = points.get(f"{who}_{k}", {})
-                configs = sorted(pts, key=xs.__getitem__)
-                ax.plot(
-                    [xs[c] for c in configs],
-                    [pts[c] for c in configs],
-                    style,
-                    color=f"C{color % 10}",
-                    alpha=1.0 if who == "ours" else 0.6,
-                )
-        handles.append(Line2D([], [], color=f"C{color % 10}", linewidth=4, label=label))
-    for ax, k in zip(axes, ("top-1", "top-5"), strict=True):
-        ax.set_xticks(range(len(xs)), [f"{c}\n{paper.WEIGHT_LAYERS[c]}" for c in xs])
-        ax.set_xlabel("ConvNet configuration / weight layers")
-        ax.set_ylabel(f"{k} error (%)")
-        ax.set_title(f"{k} validation error vs depth" + (" (mini plan: Fashion-MNIST scale)" if mini else ""))
-        ax.grid(alpha=0.3)
-    style_keys = [
-        Line2D([], [], color="black", linestyle="-", marker="o", label="ours (solid)"),
-        Line2D([], [], color="black", linestyle="--", marker="x", alpha=0.6, label="paper (dashed)"),
+
+def _delta(r: dict[str, Any]) -> str:
+    return (
+        "—" if r.get("delta") is None else f"{r['delta']:+.2f} [{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}]"
+    )
+
+
+def _pvalue(p: float | None) -> str:
+    return "—" if p is None else (f"{p:.3g}" if p >= 1e-4 else "< 0.0001")
+
+
+def render_comparisons(compared: list[dict]) -> list[str]:
+    """The paired comparisons section: b against a on the images both scored (McNemar, exact)."""
+    lines = [
+        "## Paired comparisons (McNemar, exact)",
+        "",
+        "Top-1 error % [95 % Wilson interval] of each side on the *n* images both scored; Δ = second − first in "
+        "percentage points [95 % interval for paired proportions] (negative: the second is better); p: McNemar's "
+        f"exact two-sided test. *significant*: p < {ALPHA}; *within noise*: not. Pairs not scored on the same "
+        "images are refused (*not paired*).",
+        "",
     ]
-    fig.legend(handles=handles + style_keys, loc="outside lower center", ncols=3, fontsize="small")
-    fig.savefig(path, dpi=100)
+    if not compared:
+        return lines + [
+            "No pair of evaluations to compare (a comparison needs the runs' eval_outcomes.npz).",
+            "",
+        ]
+    lines += [
+        "| comparison | first | second | first err % | second err % | n | Δ pt [95% CI] | p | label |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in compared:
+        n = "—" if r["n"] is None else str(r["n"])
+        label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(
+            f"| {r['family']} | {r['a']} | {r['b']} | {_ci(r['a_err'], r['a_lo'], r['a_hi'])} | "
+            f"{_ci(r['b_err'], r['b_lo'], r['b_hi'])} | {n} | {_delta(r)} | {_pvalue(r['p_value'])} | {label} |"
+        )
+    return lines + [""]
+
+
+def render_findings(found: list[dict]) -> str:
+    """The Findings section, the end of report.md and of the demo's output: one row per paper claim."""
+    lines = [
+        "## Findings",
+        "",
+        "One row per claim of the paper. *Ours*: top-1 error % [95 % Wilson interval], the first side → the "
+        "second; Δ in pt (second − first). Verdict: *reproduced* = the paper's direction and significant "
+        f"(McNemar, p < {ALPHA}); *not reproduced* = significantly the other way; *within noise* = not "
+        "significant; *not measured in this plan* = the sweep did not train what the claim needs.",
+        "",
+        "| claim | paper (top-1 err %) | ours | Δ pt [95% CI] | p | test set | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in found:
+        ours = f["ours"] + (f" ({f['note']})" if f.get("note") else "")
+        lines.append(
+            f"| {f['claim']} | {f['paper']} | {ours} | {_delta(f)} | {_pvalue(f['p_value'])} | "
+            f"{f['test_set'] or '—'} | **{f['verdict']}** |"
+        )
+    return "\n".join(lines) + "\n"

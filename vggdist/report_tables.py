@@ -37,7 +37,8 @@ def build_tables(runs: list[dict[str, Any]], fusion_rows: list[dict[str, Any]]) 
                 runmeta.TAG_TRAIN_SCALE,
             )
             continue
-        trained.append((run["config"], run["train_scale"]))
+        config = run.get("table_config") or run["config"]
+        trained.append((config, run["train_scale"]))
         for row in run["rows"] or []:
             if not {"protocol", "top1_err", "top5_err"} <= set(row) or not row.get(
                 "paper_scales", row.get("scales")
@@ -45,7 +46,7 @@ def build_tables(runs: list[dict[str, Any]], fusion_rows: list[dict[str, Any]]) 
                 log.warning("run %s: incomplete %s row %s; left out", run["run_id"], EVAL_ARTIFACT, row)
                 continue
             qs = tuple(sorted(int(q) for q in (row.get("paper_scales") or row["scales"])))
-            key = (run["config"], run["train_scale"], row["protocol"], qs)
+            key = (config, run["train_scale"], row["protocol"], qs)
             ours[key] = {**row, "run_id": run["run_id"]}
 
     def keys_for(number: int, extra: Iterable[tuple]) -> list[tuple]:
