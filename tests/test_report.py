@@ -221,11 +221,21 @@ def test_report_tables_files_and_artifacts(store, tmp_path):
         "| 24.0 | 7.1 | 7.0 | 1000 |" in md
     )
     assert "Fashion-MNIST" in md and "arXiv:1409.1556" in md
+    # runs evaluated before per-image outcomes were stored: no paired test, every claim "not measured"
+    assert out["comparisons"] == [] and "No pair of evaluations to compare" in md
+    assert {f["verdict"] for f in out["findings"]} == {"not measured in this plan"}
+    assert md.rstrip().endswith(out["findings_markdown"].rstrip())
     assert ids["C384"] in md.split("## Runs of this sweep")[1]
 
     # Files: report.md is the Markdown; CSV and JSON hold the same numbers.
     files = {Path(p).name: Path(p) for p in out["files"]}
-    assert set(files) == {"report.md", "tables.csv", "tables.json", "error_vs_depth.png"}
+    assert set(files) == {
+        "report.md",
+        "tables.csv",
+        "tables.json",
+        "error_vs_depth.png",
+        "training_curves.png",
+    }
     assert files["report.md"].read_text() == md
     with open(files["tables.csv"], newline="") as fh:
         rows = list(csv.DictReader(fh))
