@@ -224,3 +224,22 @@ def test_a_plan_without_the_runs_a_claim_needs_says_not_measured():
     rows = findings([run], [])
     assert [r["verdict"] for r in rows] == [NOT_MEASURED] * len(CLAIMS)
     assert all(r["p_value"] is None and r["paper"] for r in rows)
+
+
+def test_a_claim_whose_sides_were_scored_on_different_test_sets_is_not_paired():
+    """A random-init D evaluated on another test set (another data manifest) than the staged D: no verdict."""
+    from vggdist.outcome_file import OutcomeFile
+
+    def run(rid, init, manifest, hits, **extra):
+        key = EvalKey("dense", (37,))
+        f = OutcomeFile({"split": "val", runmeta.TAG_MANIFEST: manifest}, {key: RowOutcome(np.array(KEYS), hits, hits)},
+                        {key: (256,)})  # fmt: skip
+        return {"run_id": rid, "config": "D", "train_scale": "256", "label": f"D/256 {rid}", "outcomes": f,
+                "init": init, **extra}  # fmt: skip
+
+    rows = findings(
+        [run("r", "glorot", "m1", wrong(range(20))), run("s", "from-shallower", "m2", wrong())], []
+    )
+    staged = rows[1]
+    assert (staged["verdict"], staged["p_value"], staged["test_set"]) == ("not paired", None, None)
+    assert "different test sets" in staged["note"]
