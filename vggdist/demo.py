@@ -221,20 +221,28 @@ def run_demo(
 
 
 def _check_learning(report: dict) -> bool:
-    """Every depth's best test top-1 error must be well below chance (90% for 10 classes)."""
-    best: dict[str, float] = {}
+    """Every depth's best test top-1 error must be well below chance (90% for 10 classes); printed with its 95 %
+    Wilson interval and n."""
+    best: dict[str, dict] = {}
     for number in ("3", "4", "5"):
         for row in report["tables"].get(number, []):
-            if row.get("ours_top1") is not None:
-                best[row["config"]] = min(best.get(row["config"], 100.0), row["ours_top1"])
+            err = row.get("ours_top1")
+            if err is not None and err < best.get(row["config"], {}).get("ours_top1", 101.0):
+                best[row["config"]] = row
     if not best:
         _say("WARNING: the report holds no results of ours")
         return False
+
+    def shown(row: dict) -> str:
+        lo, hi, n = row.get("ours_top1_lo"), row.get("ours_top1_hi"), row.get("ours_n")
+        ci = f" [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
+        return f"{row['ours_top1']:.1f}%{ci}" + (f" (n={n})" if n else "")
+
     _say(
-        "test top-1 error by configuration (chance = 90%): "
-        + ", ".join(f"{c} {e:.1f}%" for c, e in sorted(best.items()))
+        "best test top-1 error by configuration, 95% CI (chance = 90%): "
+        + ", ".join(f"{c} {shown(r)}" for c, r in sorted(best.items()))
     )
-    bad = [c for c, e in best.items() if e > CHANCE_TOP1_ERR - 30]
+    bad = [c for c, r in best.items() if r["ours_top1"] > CHANCE_TOP1_ERR - 30]
     if bad:
         _say(f"WARNING: {bad} did not learn (top-1 error not well below chance)")
     return not bad
