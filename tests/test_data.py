@@ -31,9 +31,16 @@ def tiny_jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-def write_split(d: Path, split: str, sizes: list[int], manifest_sizes: list[int] | None = None) -> list[str]:
+def write_split(
+    d: Path,
+    split: str,
+    sizes: list[int],
+    manifest_sizes: list[int] | None = None,
+    corrupt: frozenset = frozenset(),
+) -> list[str]:
     """Shards `{split}-{i:06d}.tar` with sum(sizes) samples; `cls` is the global sample number (so labels
-    identify samples). Returns all keys in order."""
+    identify samples); the samples numbered in `corrupt` hold a JPEG cut after its header (undecodable).
+    Returns all keys in order."""
     d.mkdir(parents=True, exist_ok=True)
     keys, shards, n = [], [], 0
     for s, size in enumerate(sizes):
@@ -42,7 +49,8 @@ def write_split(d: Path, split: str, sizes: list[int], manifest_sizes: list[int]
             for _ in range(size):
                 key = f"{split}_{n:06d}"
                 meta = {"wnid": f"n{n:08d}", "source": f"x/{key}.JPEG", "width": 1, "height": 1}
-                sink.write({"__key__": key, "jpg": tiny_jpeg(n), "cls": str(n).encode(), "json": meta})
+                jpg = tiny_jpeg(n)[:40] if n in corrupt else tiny_jpeg(n)
+                sink.write({"__key__": key, "jpg": jpg, "cls": str(n).encode(), "json": meta})
                 keys.append(key)
                 n += 1
         shards.append({"name": name, "samples": size, "bytes": (d / name).stat().st_size, "sha256": "-"})
@@ -195,7 +203,9 @@ def test_decoder_choice_reaches_the_crops_and_a_missing_extension_is_said(uneven
     from vggdist import jpeg
 
     runs = {
-        name: torch.cat([im for im, _ in run_train(uneven[0], rank=0, steps=3, cfg=replace(CFG, decoder=name))])
+        name: torch.cat(
+            [im for im, _ in run_train(uneven[0], rank=0, steps=3, cfg=replace(CFG, decoder=name))]
+        )
         for name in ("auto", "window", "simplejpeg", "pil")
     }
     for name in ("window", "simplejpeg", "pil"):  # same draws, same pixels up to the documented rounding
@@ -204,3 +214,79 @@ def test_decoder_choice_reaches_the_crops_and_a_missing_extension_is_said(uneven
     with caplog.at_level("WARNING", logger="vggdist.data"):
         run_train(uneven[0], rank=0, steps=1)
     assert "window JPEG decoder) is not built" in caplog.text and "pip install --no-deps -e ." in caplog.text
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory) -> Path:
+    """DIR/train and DIR/val (shards of 5, 17 and 40) whose samples 3 and 30 do not decode."""
+    root = tmp_path_factory.mktemp("damaged")
+    for split in ("train", "val"):
+        write_split(root / split, split, [5, 17, 40], corrupt=frozenset({3, 30}))
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_training_samples_are_skipped_counted_and_replaced(damaged, workers, caplog):
+    loader = D.train_loader(
+        damaged, CFG, batch_size=4, steps=20, rank=0, world_size=1, seed=0, epoch=0, num_workers=workers
+    )
+    with caplog.at_level("WARNING", logger="vggdist.data"):
+        batches = list(loader)  # every batch full (checked by run_train's shapes too): the next draw fills in
+    assert len(batches) == 20 and all(len(labels) == 4 for _, labels in batches)
+    labels = torch.cat([lab for _, lab in batches]).tolist()
+    assert 3 not in labels and 30 not in labels
+    assert loader.skipped > 0 and set(loader.skipped_keys) <= {"train_000003", "train_000030"}
+    if workers == 0:  # loader processes log in their own process
+        assert (
+            "skipping sample 'train_000003'" in caplog.text or "skipping sample 'train_000030'" in caplog.text
+        )
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2)])
+def test_undecodable_eval_images_are_reported_as_skipped_not_as_a_mismatch(damaged, world_size, workers):
+    keys, total, skipped = [], 0, []
+    for rank in range(world_size):
+        loader = D.eval_loader(
+            damaged, "val", rank=rank, world_size=world_size, num_workers=workers, batch_size=4
+        )
+        keys += [k for _, _, batch_keys in loader for k in batch_keys]
+        total += loader.samples_seen
+        skipped += loader.skipped_keys
+    assert total == 60 and sorted(skipped) == ["val_000003", "val_000030"] and len(set(keys)) == 60
+    count = D.check_eval_count(total, D.expected_eval_count(damaged, "val"), skipped)
+    assert count == (
+        "60 counted + 2 skipped (undecodable: keys val_000003, val_000030) = 62 listed; "
+        "error rates are over the 60 counted images"
+    )
+    with pytest.raises(D.EvalCountError, match="counted 59 images \\+ 2 skipped but the manifest lists 62"):
+        D.check_eval_count(59, 62, skipped)
+
+
+class _FifoShard(torch.utils.data.IterableDataset):
+    """Reads one shard that is a FIFO: the open blocks until a writer comes, a read that never returns (as on a
+    hung NFS mount)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def __iter__(self):
+        from vggdist.shardio import tar_samples
+
+        for _sample in tar_samples([{"url": self.path}]):
+            yield torch.zeros(1), torch.zeros(1), []
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stuck_shard_read_times_out_instead_of_hanging(tmp_path, workers):
+    import os
+    import threading
+
+    shard = tmp_path / "train-000000.tar"
+    os.mkfifo(shard)
+    try:
+        loader = D.Batches(D._data_loader(_FifoShard(str(shard)), workers, 1.5), 1, timeout_s=1.5)
+        with pytest.raises(D.LoaderTimeout, match="no batch from the data loader in 1.5 s"):
+            list(loader)
+    finally:  # release the blocked reader (a thread of this process, or a loader process that is ending)
+        threading.Thread(target=lambda: os.close(os.open(shard, os.O_WRONLY)), daemon=True).start()

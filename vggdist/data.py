@@ -14,6 +14,17 @@ than slots idle slots); a slot whose range starts inside a shard reads, without 
 Every slot checks the shard lengths it sees against manifest.json and raises on a mismatch, and the summed
 count is checked against the manifest by `check_eval_count` before an error rate is reported.
 
+Undecodable samples (a corrupt JPEG that preprocessing let through, a shard damaged since): training skips the
+sample and draws the next one, so the batch keeps its size and every rank its step count; evaluation skips the
+image. Both count what they skipped (`Batches.skipped`, the keys for evaluation); the caller decides how many
+are too many (`DataConfig.max_skipped_fraction`) and reports them. A malformed tar member raises
+(`vggdist.shardio.TarError`, naming the shard): a shard that cannot be parsed is not skipped silently.
+
+A loader never waits for ever on a stuck read (a hung NFS mount): loader processes run under DataLoader's
+`timeout` and the in-process path under a watchdog thread with the same bound (`DataConfig.loader_timeout_s`,
+default 600 s: longer than any healthy shard read, short enough that a stuck job ends in the same shift);
+either raises `LoaderTimeout`, a worker failure that Ray Train retries from the last checkpoint.
+
 Shards are read by `vggdist.shardio.tar_samples` (the same samples as ``webdataset.tarfile_to_samples``, ~5x
 cheaper per sample on local files); shuffling uses webdataset's buffer.
 
@@ -25,8 +36,10 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import random
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,6 +58,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Batches",
     "EvalCountError",
+    "LoaderTimeout",
     "center_crop_loader",
     "check_eval_count",
     "eval_loader",
@@ -56,6 +70,13 @@ __all__ = [
 
 class EvalCountError(DataError):
     """An evaluation saw a different number of images than the manifest lists."""
+
+
+class LoaderTimeout(DataError):
+    """No batch came from the loader within its timeout: a read is stuck (a hung network filesystem)."""
+
+
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
@@ -76,11 +97,13 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _data_loader(ds: IterableDataset, num_workers: int) -> DataLoader:
-    """Batches are made in the workers (batch_size=None); pinned host memory when a GPU will take them."""
+def _data_loader(ds: IterableDataset, num_workers: int, timeout_s: float) -> DataLoader:
+    """Batches are made in the workers (batch_size=None); pinned host memory when a GPU will take them.
+    A loader process that delivers no batch within `timeout_s` fails the loader (DataLoader's `timeout`)."""
     kw: dict = {}
     if num_workers > 0:
         kw["prefetch_factor"] = 4
+        kw["timeout"] = timeout_s
         if sys.platform.startswith("linux"):
             kw["multiprocessing_context"] = (
                 "fork"  # cheap start, the dataset object is inherited, not pickled
@@ -90,14 +113,90 @@ def _data_loader(ds: IterableDataset, num_workers: int) -> DataLoader:
     )
 
 
-class Batches:
-    """An iterable of batches with a known length (for progress bars) that checks it yields exactly that many."""
+_DONE = object()
 
-    def __init__(self, loader: DataLoader, num_batches: int, num_samples: int | None = None) -> None:
+
+def _stuck(timeout_s: float) -> LoaderTimeout:
+    return LoaderTimeout(
+        f"no batch from the data loader in {timeout_s:g} s: a shard read is stuck (a hung network filesystem?); "
+        f"check the data mount, or raise data.loader_timeout_s"
+    )
+
+
+def _timed(loader: DataLoader, timeout_s: float) -> Iterator:
+    """The loader processes' batches; DataLoader's own timeout error said as LoaderTimeout."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader timed out" in str(e):
+            raise _stuck(timeout_s) from e
+        raise
+
+
+def _watched(iterable, timeout_s: float) -> Iterator:
+    """`iterable` produced by a daemon thread, each item awaited at most `timeout_s`: the in-process loader's
+    bound on a stuck read (a thread blocked in the kernel cannot be stopped; the caller stops waiting for it)."""
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((_DONE, e))
+
+    threading.Thread(target=produce, name="vggdist-loader", daemon=True).start()
+    try:
+        while True:
+            try:
+                item, error = items.get(timeout=timeout_s)
+            except queue.Empty:
+                raise _stuck(timeout_s) from None
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class Batches:
+    """An iterable of batches with a known length (for progress bars) that checks it yields exactly that many.
+
+    The loader's items carry, last, the keys of the samples skipped while making them (undecodable); Batches
+    strips them off, adds them up in `skipped` (count) and `skipped_keys`, and passes on only batches with images
+    (an evaluation batch whose images were all skipped is counted, not yielded)."""
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        num_batches: int,
+        num_samples: int | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.loader = loader
         self.num_batches = num_batches
         self.num_samples = num_samples  # samples this rank will see (evaluation), None for training
+        self.timeout_s = timeout_s
         self.samples_seen = 0
+        self.skipped_keys: list[str] = []
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_keys)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -105,10 +204,19 @@ class Batches:
     def __iter__(self) -> Iterator:
         n = 0
         self.samples_seen = 0
-        for batch in self.loader:
+        self.skipped_keys = []
+        items = (
+            _timed(self.loader, self.timeout_s)
+            if self.loader.num_workers > 0
+            else _watched(self.loader, self.timeout_s)
+        )
+        for *batch, skipped in items:
             n += 1
+            self.skipped_keys.extend(skipped)
+            if len(batch[1]) == 0:
+                continue
             self.samples_seen += len(batch[1])
-            yield batch
+            yield tuple(batch)
         if n != self.num_batches:  # internal invariant: the per-worker shares add up
             raise RuntimeError(f"loader yielded {n} batches, expected {self.num_batches}")
 
@@ -125,7 +233,9 @@ def _check_rank(rank: int, world_size: int) -> None:
 class _TrainStream(IterableDataset):
     """Yields this (rank, worker)'s share of `steps` batches: (uint8 (B, 3, crop, crop), int64 (B,))."""
 
-    def __init__(self, urls, cfg: DataConfig, batch_size, steps, rank, world_size, seed, epoch, on_sample) -> None:
+    def __init__(
+        self, urls, cfg: DataConfig, batch_size, steps, rank, world_size, seed, epoch, on_sample
+    ) -> None:
         super().__init__()
         self.urls, self.cfg = urls, cfg
         self.batch_size, self.steps = batch_size, steps
@@ -157,26 +267,37 @@ class _TrainStream(IterableDataset):
         crop, decoder = self.cfg.crop_size, self.cfg.decoder
         on_sample = self.on_sample
         for _ in range(my_steps):
-            images, labels = [], []
+            images, labels, skipped = [], [], []
             for sample in samples:
-                images.append(_decode(sample, lambda b: jpeg.train_crop_jpeg(b, scale, crop, crop_rng, decoder)))
+                image = _decode(sample, lambda b: jpeg.train_crop_jpeg(b, scale, crop, crop_rng, decoder))
+                if image is None:  # undecodable: counted, and the next sample takes its place
+                    skipped.append(sample["__key__"])
+                    continue
+                images.append(image)
                 labels.append(int(sample["cls"]))
                 if on_sample is not None:
                     on_sample(sample["__key__"], worker)
                 if len(images) == self.batch_size:
                     break
-            yield jpeg.collate_images(images), torch.tensor(labels, dtype=torch.int64)
+            yield jpeg.collate_images(images), torch.tensor(labels, dtype=torch.int64), skipped
 
 
 def _decode(sample: dict, fn):
+    """`fn(jpeg bytes)`, or None (logged with the shard, the key and the fix) when the sample does not decode."""
     try:
         return fn(sample["jpg"])
-    except Exception as e:  # one line naming the sample and the fix
+    except Exception as e:  # a content problem of this one sample (a corrupt or truncated image, no "jpg")
         url = sample.get("__url__", "?")
-        raise DataError(
-            f"{url}: sample {sample.get('__key__')!r} does not decode ({type(e).__name__}: {e}); "
-            f"check the shards with `vggdist-preprocess verify {Path(url).parent}`"
-        ) from e
+        logger.warning(
+            "%s: skipping sample %r, it does not decode (%s: %s); check the shards with "
+            "`vggdist-preprocess verify %s`",
+            url,
+            sample.get("__key__"),
+            type(e).__name__,
+            e,
+            Path(url).parent,
+        )
+        return None
 
 
 def train_loader(
@@ -191,6 +312,7 @@ def train_loader(
     epoch: int,
     num_workers: int | None = None,
     on_sample: Callable[[str, int], None] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Batches:
     """§3.1 training batches for one rank: exactly `steps` of (uint8 (B, 3, crop, crop), int64 (B,)).
 
@@ -205,6 +327,8 @@ def train_loader(
     they add up exactly. Images are channels_last uint8; convert them on the device with
     `vggdist.augment.DeviceAugment`. `on_sample(key, loader_worker)` is called for every sample that goes into a
     batch, in the loader process (`vggdist.callbacks.SampleHook`; it must pickle where loaders are spawned).
+    Undecodable samples are skipped and replaced by the next draw (`.skipped` counts them); no batch within
+    `timeout_s` raises LoaderTimeout.
     """
     _check_rank(rank, world_size)
     if batch_size < 1 or steps < 0:
@@ -229,7 +353,7 @@ def train_loader(
         workers,
         decoder,
     )
-    return Batches(_data_loader(ds, workers), steps)
+    return Batches(_data_loader(ds, workers, timeout_s), steps, timeout_s=timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,16 +379,23 @@ class _EvalStream(IterableDataset):
             return jpeg.center_crop_jpeg(data, self.q, self.crop)  # (3, crop, crop)
         return jpeg.decode_rescaled(data, self.q)  # (3, H, W), smallest side Q (or as stored)
 
-    def _batch(self, images, labels, keys):
-        imgs = jpeg.collate_images(images) if self.crop is not None else images
-        return imgs, torch.tensor(labels, dtype=torch.int64), keys
+    def _batch(self, images, labels, keys, skipped):
+        if self.crop is not None:
+            imgs = (
+                jpeg.collate_images(images)
+                if images
+                else torch.empty(0, 3, self.crop, self.crop, dtype=torch.uint8)
+            )
+        else:
+            imgs = images
+        return imgs, torch.tensor(labels, dtype=torch.int64), keys, skipped
 
     def __iter__(self):
         worker, num_workers = _worker()
         lo, hi = _slot_range(
             sum(self.counts), self.rank * num_workers + worker, self.world_size * num_workers
         )
-        images, labels, keys = [], [], []
+        images, labels, keys, skipped = [], [], [], []
         start = 0
         for url, count in zip(self.urls, self.counts, strict=True):
             first, start = start, start + count
@@ -283,20 +414,24 @@ class _EvalStream(IterableDataset):
                     continue  # read, not decoded
                 if g >= hi:
                     break
-                images.append(_decode(sample, self._image))
-                labels.append(int(sample["cls"]))
-                keys.append(sample["__key__"])
-                if len(images) == self.batch_size:
-                    yield self._batch(images, labels, keys)
-                    images, labels, keys = [], [], []
+                image = _decode(sample, self._image)
+                if image is None:
+                    skipped.append(sample["__key__"])
+                else:
+                    images.append(image)
+                    labels.append(int(sample["cls"]))
+                    keys.append(sample["__key__"])
+                if len(images) + len(skipped) == self.batch_size:  # batch boundaries by sample, as planned
+                    yield self._batch(images, labels, keys, skipped)
+                    images, labels, keys, skipped = [], [], [], []
             else:
                 if n < count:
                     raise DataError(
                         f"{url} ends after {n} samples but manifest.json lists {count}; "
                         f"run `vggdist-preprocess verify {Path(url).parent}`"
                     )
-        if images:  # the partial last batch is kept: every image counts
-            yield self._batch(images, labels, keys)
+        if images or skipped:  # the partial last batch is kept: every image counts
+            yield self._batch(images, labels, keys, skipped)
 
 
 def eval_loader(
@@ -309,6 +444,7 @@ def eval_loader(
     q: int | None = None,
     crop: int | None = None,
     batch_size: int = 32,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Batches:
     """§3.2 test images, each exactly once across all ranks × loader workers (see the module docstring).
 
@@ -316,8 +452,9 @@ def eval_loader(
     rescaled to smallest side `q` (or as stored when q is None; multi-scale evaluation rescales the tensors
     in vggdist.evaluate). With `crop`: a uint8 (B, 3, crop, crop) channels_last batch of centre crops at Q.
     Batches hold up to `batch_size` images; the last of each slot may be smaller (nothing dropped or padded).
-    `len()` is this rank's batch count and `.num_samples` its image count; sum the images seen over ranks and
-    pass them to `check_eval_count`.
+    `len()` is this rank's batch count and `.num_samples` its image count; sum the images seen (and the keys
+    skipped as undecodable, `.skipped_keys`) over ranks and pass them to `check_eval_count`. No batch within
+    `timeout_s` raises LoaderTimeout.
     """
     _check_rank(rank, world_size)
     if crop is not None and q is None:
@@ -334,7 +471,10 @@ def eval_loader(
         for lo, hi in (_slot_range(sum(counts), rank * slots + w, world_size * slots) for w in range(slots))
     ]
     return Batches(
-        _data_loader(ds, num_workers), sum(math.ceil(n / batch_size) for n in sizes), num_samples=sum(sizes)
+        _data_loader(ds, num_workers, timeout_s),
+        sum(math.ceil(n / batch_size) for n in sizes),
+        num_samples=sum(sizes),
+        timeout_s=timeout_s,
     )
 
 
@@ -348,6 +488,7 @@ def center_crop_loader(
     crop: int,
     batch_size: int = 64,
     num_workers: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Batches:
     """Per-epoch single-scale validation: (uint8 (B, 3, crop, crop), labels, keys), centre crops at Q, exactly once."""
     return eval_loader(
@@ -359,6 +500,7 @@ def center_crop_loader(
         q=q,
         crop=crop,
         batch_size=batch_size,
+        timeout_s=timeout_s,
     )
 
 
@@ -367,10 +509,21 @@ def expected_eval_count(data_dir: str | Path, split: str = "val") -> int:
     return int(read_manifest(data_dir, split)["num_samples"])
 
 
-def check_eval_count(seen: int, expected: int) -> None:
-    """Raise unless an evaluation counted every image exactly once (`seen` summed over all ranks)."""
-    if seen != expected:
+def check_eval_count(seen: int, expected: int, skipped_keys: list[str] | tuple[str, ...] = ()) -> str:
+    """Raise unless an evaluation accounted for every image exactly once: `seen` counted (summed over all ranks)
+    plus the `skipped_keys` (undecodable) make the manifest's `expected`. Returns the count as a sentence, e.g.
+    "9,998 counted + 2 skipped (undecodable: keys a, b) = 10,000 listed", whose error rates are over the counted."""
+    skipped = len(skipped_keys)
+    if seen + skipped != expected:
+        extra = f" + {skipped:,} skipped" if skipped else ""
         raise EvalCountError(
-            f"evaluation counted {seen} images but the manifest lists {expected}: no error rate is reported; "
-            f"check the shards with `vggdist-preprocess verify DIR` and that every rank evaluated its share"
+            f"evaluation counted {seen} images{extra} but the manifest lists {expected}: no error rate is "
+            f"reported; check the shards with `vggdist-preprocess verify DIR` and that every rank evaluated its share"
         )
+    if not skipped:
+        return f"{seen:,} counted = {expected:,} listed"
+    shown = ", ".join(sorted(skipped_keys)[:10]) + (", …" if skipped > 10 else "")
+    return (
+        f"{seen:,} counted + {skipped:,} skipped (undecodable: keys {shown}) = {expected:,} listed; "
+        f"error rates are over the {seen:,} counted images"
+    )

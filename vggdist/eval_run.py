@@ -6,6 +6,7 @@ Ray-free: `vggdist.ray_eval` runs `evaluate_shard_slice` in N Ray tasks (rank r 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -82,11 +83,12 @@ def evaluate_shard_slice(
             labels.clear()
             keys.clear()
 
-    for batch_images, batch_labels, batch_keys in data.eval_loader(val_dir, rank=rank, world_size=world_size):
+    loader = data.eval_loader(val_dir, rank=rank, world_size=world_size)
+    for batch_images, batch_labels, batch_keys in loader:
         images.extend(batch_images)
         labels.append(batch_labels)
         keys.extend(batch_keys)
         if len(images) >= images_per_batch:
             flush()
     flush()
-    return Outcomes.concat(parts)
+    return dataclasses.replace(Outcomes.concat(parts), skipped=list(loader.skipped_keys))

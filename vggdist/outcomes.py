@@ -105,6 +105,7 @@ class Outcomes:
     top1: dict[EvalKey, np.ndarray]
     top5: dict[EvalKey, np.ndarray]
     scored: dict[EvalKey, np.ndarray] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # keys of images that did not decode: not scored, not in keys
 
     def __post_init__(self) -> None:
         if self.top1.keys() != self.top5.keys() or not self.scored.keys() <= self.top1.keys():
@@ -143,6 +144,7 @@ class Outcomes:
             {k: np.concatenate([p.top1[k] for p in parts]) for k in settings},
             {k: np.concatenate([p.top5[k] for p in parts]) for k in settings},
             {k: np.concatenate([p.scored_mask(k) for p in parts]) for k in subsets},
+            [key for p in parts for key in p.skipped],
         )
 
     def counts(self) -> dict[EvalKey, Counts]:

@@ -8,6 +8,7 @@ image count against manifest.json, and logs the error rates and the results tabl
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from vggdist.eval_run import evaluate_shard_slice
 from vggdist.outcome_file import log_outcomes
 from vggdist.outcomes import Outcomes, results_markdown, results_rows
 from vggdist.shardformat import split_dir
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote
@@ -57,17 +60,19 @@ def _distributed_outcomes(
     workers: int,
     gpu: bool,
     fraction: float = 1.0,
-) -> Outcomes:
-    """The outcomes of `workers` Ray tasks, in manifest order; refuses unless every validation image was scored
-    exactly once."""
+) -> tuple[Outcomes, str]:
+    """The outcomes of `workers` Ray tasks, in manifest order, and the count as a sentence; refuses unless every
+    validation image was scored exactly once or skipped as undecodable (`vggdist.data.check_eval_count`)."""
     opts = {"num_gpus": 1} if gpu else {}
     refs = [
         _eval_slice.options(**opts).remote(checkpoints, str(val_dir), r, workers, protocols, scales, fraction)
         for r in range(workers)
     ]
     outcomes = Outcomes.concat(ray.get(refs))
-    check_eval_count(len(outcomes.keys), expected_eval_count(val_dir))
-    return outcomes
+    count = check_eval_count(len(outcomes.keys), expected_eval_count(val_dir), outcomes.skipped)
+    if outcomes.skipped:
+        log.warning("evaluation of %s: %s", val_dir, count)
+    return outcomes, count
 
 
 def _checkpoint_of(run_or_ckpt: str, uri: str) -> tuple[str, str | None]:
@@ -114,7 +119,7 @@ def evaluate(
     scales = list(scales or cfg.eval.test_scales)
     fraction = cfg.eval.multicrop_fraction if multicrop_fraction is None else multicrop_fraction
     protocols = tuple(protocols or cfg.eval.protocols)
-    outcomes = _distributed_outcomes(
+    outcomes, count = _distributed_outcomes(
         [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu, fraction
     )
     rows = results_rows(outcomes.counts(), scales, paper_scales)
@@ -130,6 +135,8 @@ def evaluate(
         "test_scales": list(scales),
         "paper_test_scales": list(paper_scales or scales),
         "multicrop_fraction": fraction,  # multi-crop and combined scored the images `outcomes.in_subset` picks
+        "count": count,  # every listed image counted, or skipped as undecodable (their keys below)
+        "skipped": list(outcomes.skipped),
     }
     if log_to_run and run_id:
         # through the run's spool: kept if MLflow is down; a temporary one (and a warning) for foreign checkpoints
@@ -141,6 +148,7 @@ def evaluate(
             for kind in runmeta.ERROR_KINDS + runmeta.CI_KINDS
         }
         tracker.log_metrics(metrics, step=0)
+        tracker.set_tags({runmeta.TAG_EVAL_COUNT: count})
         artifact = runmeta.FUSION_EVAL_RESULTS if ensemble else runmeta.EVAL_RESULTS
         tracking.log_eval_table(tracker, rows, name=artifact)
         name = runmeta.FUSION_EVAL_OUTCOMES if ensemble else runmeta.EVAL_OUTCOMES
@@ -148,10 +156,11 @@ def evaluate(
         tracker.close()
     return {
         "rows": rows,
-        "markdown": results_markdown(rows),
+        "markdown": results_markdown(rows) + (f"\n\n{count}\n" if outcomes.skipped else ""),
         "run_id": run_id,
         "outcomes": outcomes,
         "outcomes_meta": meta,
+        "count": count,
     }
 
 

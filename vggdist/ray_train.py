@@ -40,6 +40,7 @@ from vggdist.augment import DeviceAugment
 from vggdist.callbacks import EpochEnd, SampleHook, call_hooks
 from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
+from vggdist.failures import CommandFailed
 from vggdist.models import unwrap_model
 from vggdist.ray_checkpoints import EpochCheckpoints, Stop
 from vggdist.shardformat import data_dirs, read_manifest, read_stats
@@ -163,11 +164,13 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
         torch.distributed.all_gather_object(everyone, placement)
     spooled(tracker.set_tags, {runmeta.TAG_WORKERS: json.dumps(everyone)})  # where each rank ran
 
+    loaders: dict[str, data.Batches] = {}  # this epoch's: their skipped-sample counts
+
     def train_batches(epoch: int):
         torch.manual_seed(
             cfg.run.seed * 1_000_003 + epoch * 1009 + rank
         )  # dropout/colour shift: exact on resume
-        return data.train_loader(
+        loaders["train"] = data.train_loader(
             ws.train_dir,
             cfg.data,
             batch_size=plan.batch_size_per_worker,
@@ -177,7 +180,9 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
             seed=cfg.run.seed,
             epoch=epoch,
             on_sample=SampleHook.of(ws.callbacks, epoch, rank),
+            timeout_s=cfg.data.loader_timeout_s,
         )
+        return loaders["train"]
 
     expected_val = data.expected_eval_count(ws.val_dir) if ws.val_dir else 0
 
@@ -189,17 +194,33 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
             q=cfg.data.validation_scale,
             crop=cfg.data.crop_size,
             batch_size=cfg.eval.batch_size,
+            timeout_s=cfg.data.loader_timeout_s,
         )
+        loaders["val"] = loader
         return ((images, labels) for images, labels, _keys in loader)
 
     last: dict[str, float] = {}
+    too_many: list[str] = []  # the run's failure when an epoch skipped more samples than allowed
 
     def on_epoch_end(metrics: dict[str, float], lp: TrainLoop) -> None:
+        val = loaders.pop("val", None)
+        counts = [loaders["train"].skipped, val.skipped if val is not None else 0]
+        skipped = _all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=device)).cpu()
+        metrics[runmeta.TRAIN_SKIPPED], metrics[runmeta.VAL_SKIPPED] = float(skipped[0]), float(skipped[1])
         last.clear()
         last.update(metrics)
         name = checkpoint_store.epoch_dir(lp.epoch)
-        if runmeta.VAL_SAMPLES in metrics:  # every val image counted once
-            data.check_eval_count(int(metrics[runmeta.VAL_SAMPLES]), expected_val)
+        if runmeta.VAL_SAMPLES in metrics:  # every val image counted once, or skipped as undecodable
+            seen, val_skipped = int(metrics[runmeta.VAL_SAMPLES]), int(metrics[runmeta.VAL_SKIPPED])
+            if seen + val_skipped != expected_val:
+                data.check_eval_count(seen, expected_val)
+        problem = _too_many_skipped(metrics, cfg.data.max_skipped_fraction, lp.epoch)
+        if problem is not None:  # the same on every rank (summed counts): all stop here, none retries
+            if rank == 0:
+                log.error(problem)
+                spooled(tracker.log_metrics, {k: v for k, v in metrics.items() if k != runmeta.EPOCH}, lp.epoch)
+            too_many.append(problem)
+            raise Stop()
 
         def write(directory: str) -> None:
             ckpt.save(
@@ -252,7 +273,26 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
         "mapping": mapping,
         "warning": loop.stall_guard.warning,
         "error": failure.to_dict() if failure is not None else None,
+        "data_error": too_many[0] if too_many else None,
     }
+
+
+def _too_many_skipped(metrics: dict[str, float], max_fraction: float, epoch: int) -> str | None:
+    """The run's one-line failure when an epoch skipped more undecodable samples than `max_fraction` of those it
+    drew (train, or val), else None."""
+    for split, skipped_key, seen_key in (
+        ("training", runmeta.TRAIN_SKIPPED, runmeta.TRAIN_SAMPLES),
+        ("validation", runmeta.VAL_SKIPPED, runmeta.VAL_SAMPLES),
+    ):
+        skipped, seen = metrics.get(skipped_key, 0.0), metrics.get(seen_key, 0.0)
+        if skipped > max_fraction * (seen + skipped):
+            return (
+                f"epoch {epoch} skipped {int(skipped):,} undecodable {split} samples of {int(seen + skipped):,} "
+                f"({100 * skipped / (seen + skipped):.2f} % > data.max_skipped_fraction {100 * max_fraction:g} %): "
+                f"the shards are damaged; run `vggdist-preprocess verify DIR` and rebuild them, or raise "
+                f"data.max_skipped_fraction"
+            )
+    return None
 
 
 def train(
@@ -373,6 +413,10 @@ def train(
         tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     rv = fitted.return_value
+    if rv.get("data_error"):
+        tracker.set_tags({runmeta.TAG_FAILURE: rv["data_error"]})
+        tracker.end("FAILED")
+        raise CommandFailed(rv["data_error"])
     if rv.get("error"):
         failure = checkpoint_store.CheckpointWriteError.from_dict(rv["error"])
         raise ray_fit.stopped(tracker, uri, run_name, run_dir, failure)

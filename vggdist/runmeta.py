@@ -53,6 +53,7 @@ SWEEP_PARENT = "parent"
 TAG_SWEEP_NAME = "vggdist.sweep_name"
 TAG_PLAN = "vggdist.plan"
 TAG_TRAIN_SCALE = "vggdist.train_scale"  # paper-equivalent S label: "256", "384", "256-512"
+TAG_EVAL_COUNT = "vggdist.eval_count"  # "N counted [+ M skipped (undecodable: keys …)] = T listed"
 TAG_EVALUATED = "vggdist.evaluated"  # "true" once the stage's evaluation is logged
 TAG_FUSION_DONE = "vggdist.fusion_done"  # "true" on the parent once the fusion results are logged
 TRUE = "true"
@@ -66,6 +67,8 @@ TRAIN_SAMPLES = "train/samples"
 VAL_TOP1_ERR = "val/top1_err"
 VAL_TOP5_ERR = "val/top5_err"
 VAL_SAMPLES = "val/samples"
+TRAIN_SKIPPED = "train/skipped_samples"  # undecodable training samples skipped (and replaced) this epoch
+VAL_SKIPPED = "val/skipped_samples"  # undecodable validation images skipped; val errors are over the rest
 LR = "lr"
 LR_DROPPED = "lr_dropped"  # 1.0 in an epoch whose validation plateau divided the lr
 LR_DROPS = "lr_drops"

@@ -121,6 +121,10 @@ class DataConfig:
     # training-crop JPEG decoder: "auto" = the window decoder (C extension) → simplejpeg → PIL, the first that
     # applies; or one of them by name (same pixels within 2 grey levels; see vggdist/jpeg.py)
     decoder: str = "auto"
+    # undecodable samples skipped per epoch (train, and val likewise) above which the run fails: 0.1 % by default
+    max_skipped_fraction: float = 0.001
+    # seconds a data loader waits for a batch before it fails the worker (a stuck read, e.g. a hung NFS mount)
+    loader_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(
@@ -151,6 +155,11 @@ class DataConfig:
             self.val_scale is None or self.val_scale >= self.crop_size,
             "data.val_scale must be >= data.crop_size",
         )
+        _check(
+            0 <= self.max_skipped_fraction <= 1,
+            f"data.max_skipped_fraction={self.max_skipped_fraction}: a fraction in [0, 1] (0.001 = 0.1 %)",
+        )
+        _check(self.loader_timeout_s > 0, "data.loader_timeout_s must be > 0 (seconds)")
 
     @property
     def validation_scale(self) -> int:
