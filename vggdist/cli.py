@@ -322,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="paper-style Tables 3-6 and an error-vs-depth plot from MLflow")
     r.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-    r.add_argument("--sweep", help="parent run id of the sweep to report (default: the latest sweep)")
+    r.add_argument(
+        "--sweep",
+        action="append",
+        help="parent run id of the sweep to report (default: the latest sweep); repeat it to report several "
+        "sweeps together, e.g. a VGG and a degradation sweep on one error-against-depth picture (depth.png)",
+    )
     r.add_argument("--out", default="report", help="output directory for Markdown/CSV/JSON/PNG")
     r.set_defaults(func=cmd_report)
 

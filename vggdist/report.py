@@ -8,7 +8,13 @@ at 32-pixel crops lines up with the paper's tables. The paper's numbers live in 
 
 This module reads the runs from MLflow; `vggdist.report_tables` builds the tables and `vggdist.report_render`
 writes them. Outputs (in `out_dir`, and logged under `report/` on the sweep's parent run): report.md,
-tables.csv, tables.json and error_vs_depth.png.
+tables.csv, tables.json, error_vs_depth.png and training_curves.png.
+
+Runs of He et al. 2016's plain and residual nets (a `degradation` sweep) get their own section
+(`vggdist.report_resnet`: Tables 2 and 6, paired tests, findings) and two plots (`vggdist.report_resnet_plots`):
+degradation_curves.png (Fig. 4) and depth.png (error against depth of every family in the report). Several
+sweeps (`sweep_run_id` a list: `vggdist report --sweep VGG_ID --sweep DEGRADATION_ID`) are reported together,
+logged on the first, so one depth picture holds VGG A–E, plain and residual nets.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vggdist import paper, runmeta, tracking
+from vggdist import paper, report_resnet, runmeta, tracking
 from vggdist.outcome_file import OutcomeFile, read_outcomes
 from vggdist.report_compare import comparisons
 from vggdist.report_findings import findings
 from vggdist.report_plots import plot_error_vs_depth, plot_training_curves
 from vggdist.report_render import render_findings, render_markdown, write_csv
+from vggdist.report_resnet_plots import depth_series, plot_degradation_curves, plot_depth
 from vggdist.report_tables import EVAL_ARTIFACT, build_tables, normalize_scale
 
 log = logging.getLogger(__name__)
@@ -34,52 +41,86 @@ log = logging.getLogger(__name__)
 def make_report(
     experiment: str = runmeta.DEFAULT_EXPERIMENT,
     out_dir: str | os.PathLike = "report",
-    sweep_run_id: str | None = None,
+    sweep_run_id: str | list[str] | None = None,
     uri: str | None = None,
 ) -> dict[str, Any]:
-    """Build Tables 3-6 for one sweep (default: the latest in `experiment`), write them and log them.
+    """Build Tables 3-6 for one sweep (default: the latest in `experiment`), write them and log them; with
+    several sweep ids, the union of their runs (logged on the first sweep).
 
     Returns {"markdown": str, "tables": {"3": [row, ...], ..., "6": [...]}, "files": [paths written],
-    "sweep_run_id": str}. A row holds table, config, train_scale, test_scales, protocol, ours_top1,
-    ours_top5, ours_n, run_id, paper_top1, paper_top5, paper_test_top5 (None where there is no value).
+    "sweep_run_id": str}, and "resnet" ({"tables", "comparisons", "findings"}) when He et al.'s nets ran.
+    A row holds table, config, train_scale, test_scales, protocol, ours_top1, ours_top5, ours_n, run_id,
+    paper_top1, paper_top5, paper_test_top5 (None where there is no value).
     """
     uri = uri or tracking.tracking_uri()
-    sweep = _find_sweep(experiment, sweep_run_id, uri)
+    ids = [sweep_run_id] if isinstance(sweep_run_id, str) or sweep_run_id is None else list(sweep_run_id)
+    sweeps = [_find_sweep(experiment, i, uri) for i in ids]
+    sweep = sweeps[0]
     experiment_name = tracking.experiment_name(sweep["experiment_id"], uri=uri)
     # Children carry mlflow.parentRunId (nesting in the UI) and vggdist.sweep = <parent id>: accept either.
     children_by_id = {
         run["run_id"]: run
+        for s in sweeps
         for tag in (runmeta.TAG_PARENT_RUN_ID, runmeta.TAG_SWEEP)
         for run in tracking.find_runs(
-            experiment_name, filter_string=f"tags.`{tag}` = '{sweep['run_id']}'", uri=uri
+            tracking.experiment_name(s["experiment_id"], uri=uri),
+            filter_string=f"tags.`{tag}` = '{s['run_id']}'",
+            uri=uri,
         )
     }
     children = sorted(children_by_id.values(), key=lambda r: r["start_time"] or 0)
     with tempfile.TemporaryDirectory(prefix="vggdist-report-") as tmp:
         runs = [_run_results(run, Path(tmp), uri) for run in children]
-        fusion = _load_rows(sweep["run_id"], runmeta.FUSION_RESULTS, Path(tmp) / "fusion", uri) or []
-        fusion_files = _fusion_outcomes(sweep["run_id"], fusion, Path(tmp) / "fusion_outcomes", uri)
+        fusion, fusion_files = [], []
+        for s in sweeps:
+            rows = _load_rows(s["run_id"], runmeta.FUSION_RESULTS, Path(tmp) / s["run_id"], uri) or []
+            fusion += rows
+            fusion_files += _fusion_outcomes(s["run_id"], rows, Path(tmp) / f"{s['run_id']}-outcomes", uri)
     mark_variants(runs)
+    # He et al.'s nets have their own tables; the VGG tables, comparisons and findings take the VGG runs
+    resnet_runs = [r for r in runs if report_resnet.is_resnet(r)]
+    vgg_runs = [r for r in runs if not report_resnet.is_resnet(r)]
 
-    tables = build_tables(runs, fusion)
+    tables = build_tables(vgg_runs, fusion)
     fused = list(zip(fusion, fusion_files, strict=True))
-    compared = comparisons(runs, fused)
-    found = findings(runs, fused)
-    plan = sweep["tags"].get(runmeta.TAG_PLAN, "")
-    findings_md = render_findings(found)
-    markdown = render_markdown(tables, sweep, experiment_name, plan, runs, compared) + "\n" + findings_md
+    compared = comparisons(vgg_runs, fused)
+    found = findings(vgg_runs, fused)
+    plan = " + ".join(s["tags"].get(runmeta.TAG_PLAN, "") for s in sweeps)
+    markdown = findings_md = ""
+    if vgg_runs or not resnet_runs:
+        findings_md = render_findings(found)
+        markdown = render_markdown(tables, sweep, experiment_name, plan, runs, compared) + "\n" + findings_md
+    resnet: dict[str, Any] = {}
+    if resnet_runs:
+        resnet = {
+            "tables": report_resnet.tables(resnet_runs),
+            "comparisons": report_resnet.comparisons(resnet_runs),
+            "findings": report_resnet.findings(resnet_runs),
+        }
+        section = report_resnet.render(resnet["tables"], resnet["comparisons"], resnet["findings"])
+        markdown = (
+            markdown + "\n" + section
+            if markdown
+            else _resnet_header(sweep, experiment_name, plan, runs, section)
+        )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ("report.md", "tables.csv", "tables.json", "error_vs_depth.png", "training_curves.png")
+    names += ("degradation_curves.png", "depth.png") if resnet else ()
     files = [out / name for name in names]
     files[0].write_text(markdown)
     write_csv(tables, files[1])
     meta = {"sweep_run_id": sweep["run_id"], "experiment": experiment_name, "plan": plan}
+    meta["sweep_run_ids"] = [s["run_id"] for s in sweeps]
     doc = {**meta, "tables": tables, "comparisons": compared, "findings": found}
+    doc.update({"resnet": resnet} if resnet else {})
     files[2].write_text(json.dumps(doc, indent=2) + "\n")
     plot_error_vs_depth(tables, files[3], mini=plan == "mini")
     plot_training_curves(runs, files[4])
+    if resnet:
+        plot_degradation_curves(resnet_runs, files[5])
+        plot_depth(depth_series(tables if vgg_runs else {}, resnet["tables"]), files[6])
     tracking.upload_artifacts(sweep["run_id"], files, runmeta.REPORT_DIR, uri=uri)
     log.info("report for sweep %s written to %s and logged on the sweep run", sweep["run_id"], out)
     return {
@@ -88,9 +129,30 @@ def make_report(
         "comparisons": compared,
         "findings": found,
         "findings_markdown": findings_md,
+        **({"resnet": resnet} if resnet else {}),
         "files": [str(f) for f in files],
         "sweep_run_id": sweep["run_id"],
     }
+
+
+def _resnet_header(sweep: dict[str, Any], experiment: str, plan: str, runs: list[dict], section: str) -> str:
+    """report.md of a report that holds only He et al.'s nets: header, their section, the runs."""
+    lines = [
+        f"# vggdist report: sweep `{sweep['name']}` ({sweep['run_id']})",
+        "",
+        f"Experiment `{experiment}`, plan `{plan or '?'}`, sweep status {sweep['status']}. Top-1 error (%) on the "
+        'validation set; *ours* [95 % Wilson interval] beside the *paper* (He et al., "Deep Residual Learning for '
+        'Image Recognition", CVPR 2016). — : no result.',
+        "",
+        section,
+        "## Runs",
+        "",
+        "| stage | config | status | evaluated | run id |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['stage'] or '—'} | {r['config'] or '—'} | {r['status']} | {'yes' if r['rows'] else 'no'} "
+              f"| {r['run_id']} |" for r in runs]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def mark_variants(runs: list[dict[str, Any]]) -> None:
