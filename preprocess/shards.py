@@ -168,7 +168,7 @@ def run_shard_job(
                 log.info(
                     "%d inputs in %d shards: %d shards to write", listing.num_inputs, len(tasks), len(pending)
                 )
-                bar = _progress_bar(listing.num_inputs, done, progress)
+                bar = _progress_bar(f"shard {job.split}", listing.num_inputs, done, progress)
                 try:
                     if ray_workers is None:
                         results = runner.run_in_process(
@@ -258,18 +258,11 @@ def _with_estimate(e: OutputError, out: Path, tasks: list[ShardTask], markers: d
     return e.with_estimate(int(shard_bytes), int(remaining), free)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
+def _progress_bar(desc: str, total: int, initial: int, enabled: bool):
+    """A bar on a terminal, a plain line every 30 s elsewhere (`vggdist.progress`)."""
+    from vggdist.progress import Progress
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="img",
-        desc="shard",
-        disable=not enabled,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
+    return Progress(desc, total, "img", initial=initial, enabled=enabled)
 
 
 def _fingerprint(listing: Listing, tasks: list[ShardTask]) -> str:

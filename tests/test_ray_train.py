@@ -8,11 +8,12 @@ must finish all epochs, logging into the same MLflow run.
 import json
 import os
 
+import mlflow
 import pytest
 
 from tests.tiny_data import make_shards
 from tests.train_faults import KillWorker
-from vggdist import tracking
+from vggdist import runmeta, tracking
 from vggdist.config import preset
 from vggdist.outcome_file import read_outcomes
 from vggdist.ray_eval import evaluate
@@ -137,7 +138,23 @@ def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env):
 def test_training_learns_on_real_jpegs(env):
     r = train(_cfg(env, "A", "tiny-A-learn", **{"schedule.epochs": 4, "run.workers": 1}), str(env["data"]))
     assert r.metrics["val/top1_err"] < 50.0, r.metrics  # 4 classes: chance is 75 %
-    assert r.warning is None and "vggdist.warning" not in tracking.get_run(r.run_id, uri=env["uri"])["tags"]
+    run = tracking.get_run(r.run_id, uri=env["uri"])
+    assert r.warning is None and "vggdist.warning" not in run["tags"]
+    # what the MLflow UI shows beside the metrics: CPU and memory of the training process, and the shards read
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run["metrics"])
+    mlflow_run = mlflow.MlflowClient(env["uri"]).get_run(r.run_id)
+    inputs = {i.dataset.name: i for i in mlflow_run.inputs.dataset_inputs}
+    train_dir = env["data"] / "train"
+    assert set(inputs) == {f"{env['data'].name}/train", f"{env['data'].name}/val"}
+    ds = inputs[f"{env['data'].name}/train"].dataset
+    assert runmeta.manifest_hash(train_dir).startswith(ds.digest) and str(train_dir.resolve()) in ds.source
+    assert json.loads(ds.profile)["num_samples"] == json.loads((train_dir / "manifest.json").read_text())[
+        "num_samples"
+    ]
+    # artifacts beside the SQLite store, not in ./mlruns of the current directory
+    exp = mlflow.MlflowClient(env["uri"]).get_experiment(mlflow_run.info.experiment_id)
+    assert exp.artifact_location == (env["tmp"] / "mlartifacts" / "vggdist").as_uri()
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_uneven_global_batch_is_refused_before_starting(env):

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
+from vggdist import console
 from vggdist.config import (
     CONFIG_NAMES,
     INIT_CHOICES,
@@ -204,7 +205,11 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help=_ADDRESS_HELP)
     # -v after the sub-command as well as before it; SUPPRESS keeps `vggdist -v train` working
     parser.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging, tracebacks"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging, tracebacks, and Ray's, Ray Train's and MLflow's internal logs",
     )
 
 
@@ -212,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vggdist", description="The VGG study (Simonyan & Zisserman, 2015) on Ray Train + MLflow."
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging and the libraries' internal logs"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser(
@@ -379,6 +386,7 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[object] = ())
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    console.set_verbose(bool(args.verbose))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:

@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from vggdist import console
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -288,7 +290,7 @@ def connect(
     num_gpus: int | None = None,
     include_dashboard: bool | None = None,
     log_to_driver: bool = True,
-    logging_level: int = logging.INFO,
+    logging_level: int | None = None,
     announce: bool = True,
     **init_kwargs,
 ) -> Where:
@@ -298,7 +300,8 @@ def connect(
 
     `num_cpus`/`num_gpus` size a private local Ray only (a cluster has its own). `include_dashboard`: None is
     Ray's default; Ray Train's placement-group cleaner polls the dashboard's state API, so training keeps it.
-    `log_to_driver`, `logging_level` and `init_kwargs` go to `ray.init` as they are.
+    `log_to_driver`, `logging_level` and `init_kwargs` go to `ray.init` as they are; `logging_level` None is
+    `vggdist.console`'s (Ray's own INFO lines only with --verbose).
     """
     global _started_here, _where
     target = address if isinstance(address, Target) else resolve(address)
@@ -308,6 +311,9 @@ def connect(
         return _where if _where is not None else _describe_running(ray)
     _started_here, _where = False, None  # a Ray of ours that someone else shut down
     probe = check(target)
+    if logging_level is None:
+        logging_level = console.ray_logging_level()
+    console.quiet_libraries()
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     t0 = time.monotonic()
@@ -439,6 +445,7 @@ FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_CA_BUNDLE",
+    console.VERBOSE_ENV,  # --verbose: the workers show Ray Train's internal logs too
 )
 
 

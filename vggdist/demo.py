@@ -196,7 +196,6 @@ def run_demo(
         sweep_name=sweep_name,
         address=address,
         sets=sets,
-        progress=lambda key, res: _say(f"      stage {key} finished: run {res['run_id']}"),
     )
 
     unfinished.unlink()
@@ -210,8 +209,12 @@ def run_demo(
     ok = _check_learning(report)
     uri = os.environ["MLFLOW_TRACKING_URI"]
     _say(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report in {work / 'report'}")
+    from vggdist import tracking
+
+    exp_id = tracking.get_run(summary["parent_run_id"], uri=uri)["experiment_id"]
     _say(
-        f"compare the runs in the MLflow UI:\n    mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+        f"compare the runs in the MLflow UI:\n    mlflow ui --backend-store-uri {uri} --port 5000\n"
+        f"    then open {tracking.runs_page('http://127.0.0.1:5000', exp_id)}"
     )
     # the findings end the output: which of the paper's claims this run reproduces, with CIs and paired tests
     print("\n" + report["findings_markdown"], end="", flush=True)

@@ -22,6 +22,7 @@ from vggdist.data import check_eval_count, expected_eval_count
 from vggdist.eval_run import evaluate_shard_slice
 from vggdist.outcome_file import log_outcomes
 from vggdist.outcomes import Outcomes, results_markdown, results_rows
+from vggdist.progress import Progress
 from vggdist.shardformat import split_dir
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,16 @@ def _distributed_outcomes(
         _eval_slice.options(**opts).remote(checkpoints, str(val_dir), r, workers, protocols, scales, fraction)
         for r in range(workers)
     ]
-    outcomes = Outcomes.concat(ray.get(refs))
-    count = check_eval_count(len(outcomes.keys), expected_eval_count(val_dir), outcomes.skipped)
+    expected = expected_eval_count(val_dir)
+    slices: dict[ray.ObjectRef, Outcomes] = {}
+    with Progress(f"evaluate {'+'.join(protocols)} Q={','.join(map(str, scales))}", expected) as bar:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            slices[ready[0]] = ray.get(ready[0])
+            bar.update(len(slices[ready[0]].keys) + len(slices[ready[0]].skipped))
+    outcomes = Outcomes.concat([slices[r] for r in refs])
+    count = check_eval_count(len(outcomes.keys), expected, outcomes.skipped)
     if outcomes.skipped:
         log.warning("evaluation of %s: %s", val_dir, count)
     return outcomes, count

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vggdist import checkpoint_store as store
-from vggdist import cluster, runmeta, tracking
+from vggdist import cluster, console, runmeta, tracking
 from vggdist.cluster import Where, started_here, worker_env
 from vggdist.config import Config
 
@@ -129,6 +129,7 @@ def _fit_ray(worker_loop, loop_config, cfg: Config, *, run_name: str, storage: s
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=console.train_logging_config(),
             # a Ray started here passed this process's environment to its workers already; a runtime env
             # would only keep them from reusing the worker processes Ray started with the node
             worker_runtime_env=None if started_here() else {"env_vars": worker_env()},
@@ -149,6 +150,7 @@ def _fit_local(worker_loop, loop_config, cfg: Config, *, run_name: str, storage:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    console.quiet_libraries()  # Ray Train says "Running in local mode" when the trainer is built
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.run.cpus_per_worker)  # what a Ray Train worker gets (Ray sets OMP_NUM_THREADS)
     try:
@@ -157,7 +159,7 @@ def _fit_local(worker_loop, loop_config, cfg: Config, *, run_name: str, storage:
                 worker_loop,
                 train_loop_config=loop_config,
                 scaling_config=ScalingConfig(num_workers=0, use_gpu=cfg.run.gpu),
-                run_config=RunConfig(name=run_name),
+                run_config=RunConfig(name=run_name, logging_config=console.train_logging_config()),
             )
             try:
                 result = trainer.fit()

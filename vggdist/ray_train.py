@@ -35,13 +35,14 @@ import ray.train.torch
 import torch
 
 from vggdist import checkpoint as ckpt
-from vggdist import checkpoint_store, cluster, data, ray_fit, runmeta, tracking
+from vggdist import checkpoint_store, cluster, console, data, ray_fit, runmeta, tracking
 from vggdist.augment import DeviceAugment
 from vggdist.callbacks import EpochEnd, SampleHook, call_hooks
 from vggdist.comm import ddp_kwargs, register_comm_hook
 from vggdist.config import Config
 from vggdist.failures import CommandFailed
 from vggdist.models import unwrap_model
+from vggdist.progress import TrainProgress
 from vggdist.ray_checkpoints import EpochCheckpoints, Stop
 from vggdist.shardformat import data_dirs, read_manifest, read_stats
 from vggdist.train import BatchPlan, TrainLoop, apply_init, batch_plan, build_model, sync_batch_norm
@@ -69,6 +70,7 @@ class WorkerSettings:
     storage_root: str  # <storage path>/<run name>: where this run's checkpoints go
     local_mode: bool = False  # one worker in the driver's process (`vggdist.ray_fit`)
     callbacks: tuple[Any, ...] = ()  # `vggdist.callbacks` hooks, run in the workers
+    name: str = "train"  # what rank 0's progress display calls the run (the sweep stage or the run name)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
     ws = loop_config["settings"]
     cfg, plan = ws.config, ws.plan
+    console.quiet_libraries()  # a Ray Train worker is a process of its own
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -248,6 +251,8 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
             spooled(tracker.log_metrics, {k: v for k, v in metrics.items() if k != runmeta.EPOCH}, lp.epoch)
             spooled(tracker.set_tags, tags)
             spooled(tracker.sync)  # the epoch's metrics survive a crash of this machine
+        if progress is not None:
+            progress.epoch_end(lp.epoch, metrics.get(runmeta.VAL_TOP1_ERR))
         event = EpochEnd(
             run_name=Path(ws.storage_root).name,
             epoch=lp.epoch,
@@ -261,11 +266,29 @@ def _worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
 
     def log_step(m: dict[str, float], step: int) -> None:
         spooled(tracker.log_metrics, m, step)
+        if progress is not None:
+            progress.step(step, m[runmeta.STEP_LOSS], m.get(runmeta.STEP_TOP1_ERR), m[runmeta.STEP_IMG_PER_S])
 
+    progress = (
+        TrainProgress(
+            ws.name, epochs=cfg.schedule.epochs, steps_per_epoch=ws.steps_per_epoch, start_epoch=loop.epoch
+        )
+        if rank == 0
+        else None
+    )
+    # CPU, memory (and GPU) of the process that trains, every 10 s, into the spool like every other metric
+    system = tracking.SystemMetrics(lambda m, step: spooled(tracker.log_metrics, m, step)) if rank == 0 else None
     try:
+        if system is not None:
+            system.start()
         loop.fit(train_batches, val_batches if ws.val_dir else None, on_epoch_end, log_fn=log_step)
     except Stop:
         pass  # a storage failure: every rank leaves here; rank 0 returns it
+    finally:
+        if progress is not None:
+            progress.close()
+        if system is not None:
+            system.stop()
     spooled(tracker.close)
     failure = checkpoints.failure
     return {
@@ -372,6 +395,8 @@ def train(
         }
     )
     tracker.sync()
+    if not existing:  # the Dataset column and lineage of the MLflow UI; a resumed run has them already
+        tracking.log_datasets(tracker.run_id, runmeta.dataset_inputs(train_dir, val_dir), uri)
     log.info(
         "MLflow run %s (%s) in %s; %d steps/epoch of %d images",
         tracker.run_id,
@@ -399,6 +424,7 @@ def train(
         storage_root=run_dir,
         local_mode=local_mode,
         callbacks=tuple(callbacks),
+        name=stage or run_name,
     )
     try:
         fitted = ray_fit.fit(

@@ -76,6 +76,7 @@ EPOCH = "epoch"  # reported to Ray with the metrics; the MLflow step, not a metr
 # Every `run.log_every_steps` optimiser steps (step = global step).
 STEP_LOSS = "train/step_loss"
 STEP_IMG_PER_S = "train/step_img_per_s"
+STEP_TOP1_ERR = "train/step_top1_err"
 STEP_LR = "train/step_lr"
 # Evaluation: `eval_metric_name`; a fusion logged on its first member uses the prefix EVAL_FUSION.
 EVAL = "eval"
@@ -166,6 +167,27 @@ def manifest_hash(data_dir: str | os.PathLike) -> str:
         raise FileNotFoundError(
             f"{path} not found; --data must be a directory written by `{SHARD_COMMAND}`"
         ) from None
+
+
+def dataset_inputs(train_dir: str | os.PathLike, val_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
+    """The shards a training run reads, as MLflow dataset inputs (`vggdist.tracking.log_datasets`): name
+    ``<data dir>/<split>``, the manifest's sha256 as digest, the shard directory as source, its sample count."""
+    out = []
+    for directory, context in ((train_dir, "training"), (val_dir, "validation")):
+        if directory is None:
+            continue
+        d = Path(directory).resolve()
+        manifest = json.loads((d / MANIFEST).read_text())
+        out.append(
+            {
+                "name": f"{d.parent.name}/{d.name}",
+                "digest": manifest_hash(d),
+                "source": str(d),
+                "num_samples": int(manifest["num_samples"]),
+                "context": context,
+            }
+        )
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from vggdist import cluster, runmeta, tracking
+from vggdist import cluster, console, runmeta, tracking
 from vggdist.config import Config
 from vggdist.plan import Plan, Stage, builtin_plan, plan_to_yaml, stage_config
 
@@ -37,11 +37,13 @@ def _run_stage(
     uri: str,
     where: cluster.Where,
     callbacks: tuple[Any, ...] = (),
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """A stage as a Ray task: train (or resume), then evaluate; returns the child run id and checkpoint."""
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    console.set_verbose(verbose)  # this task's process: quiet unless the command was run with --verbose
     from vggdist.ray_eval import evaluate
     from vggdist.ray_train import train
 
@@ -207,7 +209,15 @@ def run_sweep(
                 else {}
             )
             ref = _run_stage.options(**held).remote(
-                cfg, str(Path(data_dir).resolve()), s, init_ckpt, parent.run_id, uri, where, tuple(callbacks)
+                cfg,
+                str(Path(data_dir).resolve()),
+                s,
+                init_ckpt,
+                parent.run_id,
+                uri,
+                where,
+                tuple(callbacks),
+                console.verbose(),
             )
             running[ref] = s
             log.info("sweep %s: started stage %s", sweep_name, s.key)

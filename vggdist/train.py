@@ -211,6 +211,7 @@ class TrainLoop:
                     log_fn(
                         {
                             runmeta.STEP_LOSS: float(summed[0] / summed[2]),
+                            runmeta.STEP_TOP1_ERR: 100.0 * (1.0 - float(summed[1] / summed[2])),
                             runmeta.STEP_IMG_PER_S: float(summed[2] / dt),
                             runmeta.STEP_LR: self.schedule.lr(self.step),
                         },

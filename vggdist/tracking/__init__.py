@@ -8,7 +8,8 @@ replayed to MLflow by a background sender, so training never waits for MLflow an
 - `client`: tracking URI, HTTP policy, run creation, and the MLflow sink the sender replays into;
 - `tracker`: `Tracker` / `NullTracker`, the logger rank 0 and the drivers hold;
 - `sync`: `vggdist sync` and the automatic replay at the start of train / sweep / evaluate;
-- `readback`: runs, metric histories and artifacts as plain dicts for evaluate, sweep and report.
+- `readback`: runs, metric histories and artifacts as plain dicts for evaluate, sweep and report;
+- `system_metrics`: CPU, memory and GPU samples of the training process, logged as ``system/*`` metrics.
 
 Names of tags and metrics live in `vggdist.runmeta` and are re-exported here.
 """
@@ -42,6 +43,8 @@ from vggdist.tracking.client import (  # noqa: E402
     check_uri_for_cluster,
     end_run_now,
     is_local_uri,
+    log_datasets,
+    runs_page,
     tracking_uri,
 )
 from vggdist.tracking.readback import (  # noqa: E402
@@ -57,6 +60,7 @@ from vggdist.tracking.readback import (  # noqa: E402
 )
 from vggdist.tracking.spool import SPOOL_DIR, existing_spool, spool_dir  # noqa: E402
 from vggdist.tracking.sync import SyncResult, find_spools, replay_pending, sync  # noqa: E402
+from vggdist.tracking.system_metrics import SystemMetrics  # noqa: E402
 from vggdist.tracking.tracker import DEFAULT_WAIT_S, NullTracker, Tracker, log_eval_table  # noqa: E402
 
 __all__ = [
@@ -74,10 +78,13 @@ __all__ = [
     "TAG_STAGE",
     "NullTracker",
     "SyncResult",
+    "SystemMetrics",
     "Tracker",
     "check_reachable",
     "check_uri_for_cluster",
     "end_run_now",
+    "log_datasets",
+    "runs_page",
     "code_version",
     "download_artifact",
     "eval_metric_name",

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,31 @@ def unreachable(uri: str, e: BaseException) -> ConnectionError:
 # ------------------------------------------------------------------------------------------ runs
 
 
+# The experiment tag the MLflow UI reads for the kind of an experiment (its "Custom model development" choice)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store: <dir of mlflow.db>/mlartifacts/<experiment>
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite store, under ``<its directory>/mlartifacts/
+    <experiment>`` (MLflow's own default is ``./mlruns`` in whatever directory the command ran from); None for
+    a server, whose ``--artifacts-destination`` decides."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (db.parent / ARTIFACTS_DIR / safe).resolve().as_uri()
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment's training runs. The 3.x UI opens ``#/experiments/<id>`` in the
+    view of its global workflow switch (GenAI, with traces, unless this browser chose "Machine learning"
+    before) and ignores the experiment's kind tag while that switch is shown; the ``workflowType`` query
+    parameter sets the switch, and ``/runs`` names the page."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def experiment_id(c: mlflow.MlflowClient, name: str, *, create: bool) -> str | None:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -156,7 +181,11 @@ def experiment_id(c: mlflow.MlflowClient, name: str, *, create: bool) -> str | N
     if not create:
         return None
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(
+            name,
+            artifact_location=artifact_location(c.tracking_uri, name),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
     except MlflowException as e:  # another process created it first
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -190,6 +219,41 @@ def create_run(
         raise unreachable(uri, e) from e
     log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_id, run.info.run_name, experiment, uri)
     return run.info.run_id, run.info.run_name, exp_id
+
+
+DATASET_DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest; the full hash is a tag
+
+
+def log_datasets(run_id: str, datasets: Sequence[Mapping[str, Any]], uri: str) -> None:
+    """Record the shards a run reads as MLflow dataset inputs (the UI's Dataset column and lineage).
+
+    Each mapping: ``name``, ``digest`` (the manifest's sha256, shortened), ``source`` (the shard directory),
+    ``num_samples``, ``context`` ("training" or "validation"). Called once, when the run is created (MLflow must
+    be reachable then anyway); a resumed run has them already."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=d["name"],
+                digest=str(d["digest"])[:DATASET_DIGEST_CHARS],
+                source_type="local",
+                source=json.dumps({"uri": str(d["source"])}),
+                profile=json.dumps({"num_samples": int(d["num_samples"])}),
+            ),
+            tags=[InputTag("mlflow.data.context", d["context"])],
+        )
+        for d in datasets
+    ]
+    try:
+        with http_policy(LIFECYCLE_HTTP_POLICY):
+            client(uri).log_inputs(run_id, datasets=inputs)
+    except MlflowException as e:
+        if e.error_code in REJECTED_ERRORS | BLOCKED_ERRORS:
+            raise
+        raise unreachable(uri, e) from e
 
 
 def check_reachable(uri: str) -> None:
