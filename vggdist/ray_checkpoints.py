@@ -1,7 +1,7 @@
 """The training worker's side of checkpoints: resume from the newest whole one, write each epoch's whole or not at
 all, and stop every rank together when storage fails in a way no retry fixes.
 
-`EpochCheckpoints` is what `vggdist.ray_train._worker_loop` holds, under Ray Train workers as in local mode:
+`EpochCheckpoints` is what `vggdist.ray_worker.worker_loop` holds, under Ray Train workers as in local mode:
 
 - `resume()`: Ray Train's `get_checkpoint()` (the run's latest registered checkpoint after a worker-group restart
   or a rerun) or the newest whole checkpoint in the run's storage directory, whichever is newer, checked against
