@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml setup.py vggdist/_jpegcrop.c preprocess/_moments.c scri
 	@touch $(STAMP)
 
 # Fashion-MNIST (Debian package) lets the shortened-demo and grad-compression tests use the demo's real data;
-# without it they skip / fall back to generated images.
+# without it they skip / fall back to generated images. Chromium (Debian package) runs the MLflow UI test.
 test: setup
 	@bash scripts/install_fashion_mnist.sh || echo "continuing without Fashion-MNIST"
+	@bash scripts/install_chromium.sh || echo "continuing without Chromium (the MLflow UI test skips)"
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
