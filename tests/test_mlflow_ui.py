@@ -75,4 +75,4 @@ def test_the_runs_page_shows_the_run_its_metrics_and_its_dataset(tmp_path):
     # the run's page: its metrics with their values, its system metrics and its datasets
     assert "val/top1_err" in run_page and "train/loss" in run_page
     assert "system/cpu_utilization_percentage" in run_page
-    assert f"{data.name}/train" in run_page and "Training" in run_page
+    assert f"{data.name}/train" in run_page and ">training<" in run_page  # the dataset and its context tag
