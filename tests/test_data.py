@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from vggdist import data as D
+from vggdist import loader as loader_mod
 from vggdist.config import DataConfig
 from vggdist.shardformat import DataError
 
@@ -285,7 +286,7 @@ def test_a_stuck_shard_read_times_out_instead_of_hanging(tmp_path, workers):
     shard = tmp_path / "train-000000.tar"
     os.mkfifo(shard)
     try:
-        loader = D.Batches(D._data_loader(_FifoShard(str(shard)), workers, 1.5), 1, timeout_s=1.5)
+        loader = loader_mod.Batches(loader_mod.data_loader(_FifoShard(str(shard)), workers, 1.5), 1, timeout_s=1.5)
         with pytest.raises(D.LoaderTimeout, match="no batch from the data loader in 1.5 s"):
             list(loader)
     finally:  # release the blocked reader (a thread of this process, or a loader process that is ending)

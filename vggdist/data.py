@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import random
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from vggdist import jpeg
 from vggdist.config import DataConfig
+from vggdist.loader import DEFAULT_TIMEOUT_S, Batches, LoaderTimeout, data_loader, worker_slot
 from vggdist.shardformat import DataError, read_manifest, shard_files
 from vggdist.shardio import tar_samples
 
@@ -72,13 +70,6 @@ class EvalCountError(DataError):
     """An evaluation saw a different number of images than the manifest lists."""
 
 
-class LoaderTimeout(DataError):
-    """No batch came from the loader within its timeout: a read is stuck (a hung network filesystem)."""
-
-
-DEFAULT_TIMEOUT_S = 600.0
-
-
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
     """Optimizer steps in one pass worth of samples: ⌊num_samples / global_batch_size⌋, at least 1."""
     if num_samples <= 0 or global_batch_size <= 0:
@@ -86,139 +77,6 @@ def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
             f"need num_samples > 0 and global_batch_size > 0, got {num_samples}, {global_batch_size}"
         )
     return max(1, num_samples // global_batch_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# DataLoader plumbing
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def _data_loader(ds: IterableDataset, num_workers: int, timeout_s: float) -> DataLoader:
-    """Batches are made in the workers (batch_size=None); pinned host memory when a GPU will take them.
-    A loader process that delivers no batch within `timeout_s` fails the loader (DataLoader's `timeout`)."""
-    kw: dict = {}
-    if num_workers > 0:
-        kw["prefetch_factor"] = 4
-        kw["timeout"] = timeout_s
-        if sys.platform.startswith("linux"):
-            kw["multiprocessing_context"] = (
-                "fork"  # cheap start, the dataset object is inherited, not pickled
-            )
-    return DataLoader(
-        ds, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kw
-    )
-
-
-_DONE = object()
-
-
-def _stuck(timeout_s: float) -> LoaderTimeout:
-    return LoaderTimeout(
-        f"no batch from the data loader in {timeout_s:g} s: a shard read is stuck (a hung network filesystem?); "
-        f"check the data mount, or raise data.loader_timeout_s"
-    )
-
-
-def _timed(loader: DataLoader, timeout_s: float) -> Iterator:
-    """The loader processes' batches; DataLoader's own timeout error said as LoaderTimeout."""
-    try:
-        yield from loader
-    except RuntimeError as e:
-        if "DataLoader timed out" in str(e):
-            raise _stuck(timeout_s) from e
-        raise
-
-
-def _watched(iterable, timeout_s: float) -> Iterator:
-    """`iterable` produced by a daemon thread, each item awaited at most `timeout_s`: the in-process loader's
-    bound on a stuck read (a thread blocked in the kernel cannot be stopped; the caller stops waiting for it)."""
-    items: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def put(entry: tuple) -> bool:  # False once the consumer has gone
-        while not stop.is_set():
-            try:
-                items.put(entry, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in iterable:
-                if not put((item, None)):
-                    return
-            put((_DONE, None))
-        except BaseException as e:  # handed to the consumer, raised there
-            put((_DONE, e))
-
-    threading.Thread(target=produce, name="vggdist-loader", daemon=True).start()
-    try:
-        while True:
-            try:
-                item, error = items.get(timeout=timeout_s)
-            except queue.Empty:
-                raise _stuck(timeout_s) from None
-            if error is not None:
-                raise error
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        stop.set()
-
-
-class Batches:
-    """An iterable of batches with a known length (for progress bars) that checks it yields exactly that many.
-
-    The loader's items carry, last, the keys of the samples skipped while making them (undecodable); Batches
-    strips them off, adds them up in `skipped` (count) and `skipped_keys`, and passes on only batches with images
-    (an evaluation batch whose images were all skipped is counted, not yielded)."""
-
-    def __init__(
-        self,
-        loader: DataLoader,
-        num_batches: int,
-        num_samples: int | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        self.loader = loader
-        self.num_batches = num_batches
-        self.num_samples = num_samples  # samples this rank will see (evaluation), None for training
-        self.timeout_s = timeout_s
-        self.samples_seen = 0
-        self.skipped_keys: list[str] = []
-
-    @property
-    def skipped(self) -> int:
-        return len(self.skipped_keys)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator:
-        n = 0
-        self.samples_seen = 0
-        self.skipped_keys = []
-        items = (
-            _timed(self.loader, self.timeout_s)
-            if self.loader.num_workers > 0
-            else _watched(self.loader, self.timeout_s)
-        )
-        for *batch, skipped in items:
-            n += 1
-            self.skipped_keys.extend(skipped)
-            if len(batch[1]) == 0:
-                continue
-            self.samples_seen += len(batch[1])
-            yield tuple(batch)
-        if n != self.num_batches:  # internal invariant: the per-worker shares add up
-            raise RuntimeError(f"loader yielded {n} batches, expected {self.num_batches}")
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -243,7 +101,7 @@ class _TrainStream(IterableDataset):
         self.on_sample = on_sample
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         my_steps = self.steps // num_workers + (worker < self.steps % num_workers)
         if my_steps == 0:
             return
@@ -353,7 +211,7 @@ def train_loader(
         workers,
         decoder,
     )
-    return Batches(_data_loader(ds, workers, timeout_s), steps, timeout_s=timeout_s)
+    return Batches(data_loader(ds, workers, timeout_s), steps, timeout_s=timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,7 +249,7 @@ class _EvalStream(IterableDataset):
         return imgs, torch.tensor(labels, dtype=torch.int64), keys, skipped
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         lo, hi = _slot_range(
             sum(self.counts), self.rank * num_workers + worker, self.world_size * num_workers
         )
@@ -471,7 +329,7 @@ def eval_loader(
         for lo, hi in (_slot_range(sum(counts), rank * slots + w, world_size * slots) for w in range(slots))
     ]
     return Batches(
-        _data_loader(ds, num_workers, timeout_s),
+        data_loader(ds, num_workers, timeout_s),
         sum(math.ceil(n / batch_size) for n in sizes),
         num_samples=sum(sizes),
         timeout_s=timeout_s,
