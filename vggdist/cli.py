@@ -207,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_by_vggdist(e: BaseException) -> bool:
+    """True when `e` comes from a `raise` statement of vggdist itself: a check of the input whose message names
+    the fix (a usage error). A ValueError raised inside torch, numpy, MLflow or Ray, or by a builtin such as
+    int() on a value vggdist computed, is an internal error, not the user's."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    if not path.startswith(_PACKAGE_DIR + os.sep):
+        return False
+    import linecache
+
+    return linecache.getline(path, tb.tb_lineno).strip().startswith("raise ")
+
+
 def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[object] = ()) -> int:
     """Run one `vggdist` command; returns its exit code. `callbacks` (`vggdist.callbacks`) reach the training
     workers of `train` and `sweep`: the extension point for a program that wraps the CLI."""
@@ -226,6 +246,9 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[object] = ())
         print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_vggdist(e):  # a bug, here or in a library: the traceback is what helps
+            traceback.print_exc()
+            return 1
         # boundary errors (data dirs, checkpoints, manifests) carry the fix in their message
         print(f"vggdist {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR

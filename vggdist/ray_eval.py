@@ -84,9 +84,9 @@ def _distributed_outcomes(
     return outcomes, count
 
 
-def _checkpoint_of(run_or_ckpt: str, uri: str) -> tuple[str, str | None]:
-    """(checkpoint path, MLflow run id or None) for a run id or a checkpoint path."""
-    path = tracking.resolve_checkpoint(run_or_ckpt, uri=uri)
+def _checkpoint_of(run_or_ckpt: str, uri: str, flag: str = "--run") -> tuple[str, str | None]:
+    """(checkpoint path, MLflow run id or None) for a run id or a checkpoint path (`flag`: where it came from)."""
+    path = tracking.resolve_checkpoint(run_or_ckpt, uri=uri, flag=flag)
     run_id = None if os.path.exists(run_or_ckpt) or "://" in run_or_ckpt else run_or_ckpt
     return path, run_id or ckpt.read_meta(path).get("mlflow_run_id")
 
@@ -116,10 +116,10 @@ def evaluate(
     "markdown": str, "run_id": the evaluated run or None, "outcomes": each image's hits per (protocol, scales),
     in manifest order, "outcomes_meta": what `outcomes_file` records about them}.
     """
-    cluster.connect(address, include_dashboard=False)  # plain tasks: no Ray Train, no dashboard needed
     uri = tracking.tracking_uri()
     val_dir = split_dir(data_dir, split)
-    members = [_checkpoint_of(r, uri) for r in [run_or_checkpoint, *(ensemble or [])]]
+    members = [_checkpoint_of(run_or_checkpoint, uri)] + [_checkpoint_of(r, uri, "--ensemble") for r in ensemble or []]
+    cluster.connect(address, include_dashboard=False)  # plain tasks: no Ray Train, no dashboard needed
     run_dir = os.path.dirname(members[0][0].rstrip("/"))  # <storage>/<run name>/epoch_NNN
     run_spool = tracking.existing_spool(run_dir)  # None for a checkpoint outside any vggdist run storage
     if run_spool and tracking.replay_pending(os.path.dirname(run_dir)) and members[0][0] != run_or_checkpoint:

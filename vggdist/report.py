@@ -176,6 +176,7 @@ def mark_variants(runs: list[dict[str, Any]]) -> None:
 
 def _find_sweep(experiment: str, sweep_run_id: str | None, uri: str) -> dict[str, Any]:
     if sweep_run_id:
+        tracking.require_store(uri, f"--sweep {sweep_run_id}")
         run = tracking.get_run(sweep_run_id, uri=uri)
         if run["tags"].get(runmeta.TAG_SWEEP) != runmeta.SWEEP_PARENT:
             log.warning(

@@ -44,7 +44,9 @@ from vggdist.tracking.client import (  # noqa: E402
     end_run_now,
     is_local_uri,
     log_datasets,
+    require_store,
     runs_page,
+    store_missing,
     tracking_uri,
 )
 from vggdist.tracking.readback import (  # noqa: E402
@@ -103,7 +105,9 @@ __all__ = [
     "metric_rows",
     "parse_eval_metric_name",
     "replay_pending",
+    "require_store",
     "resolve_checkpoint",
+    "store_missing",
     "spool_dir",
     "sync",
     "tracking_uri",

@@ -105,6 +105,41 @@ def is_local_uri(uri: str) -> bool:
     return scheme in _LOCAL_SCHEMES
 
 
+class MissingStore(ValueError):
+    """A run was asked for in a local tracking store that does not exist (a usage error: the wrong
+    MLFLOW_TRACKING_URI, or the wrong directory for the default ./mlflow.db)."""
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file (sqlite:) or directory (file:, plain path) a local tracking store lives in; None for a server."""
+    if not is_local_uri(uri):
+        return None
+    if uri.lower().startswith("sqlite:"):
+        rest = uri.split(":", 1)[1].split("?", 1)[0]
+        return Path(rest[3:] if rest.startswith("///") else rest.lstrip("/"))
+    if uri.lower().startswith("file:"):
+        rest = uri.split(":", 1)[1]
+        return Path(rest[2:] if rest.startswith("//") else rest)
+    return Path(uri)
+
+
+def store_missing(uri: str) -> bool:
+    """True when `uri` is a local store that does not exist yet: MLflow's client would create it on first use,
+    which a command that only reads (evaluate, report) must not do."""
+    path = local_store_path(uri)
+    return path is not None and not path.exists()
+
+
+def require_store(uri: str, what: str) -> None:
+    """Raise MissingStore (exit 2, naming MLFLOW_TRACKING_URI) unless the local store at `uri` exists."""
+    if store_missing(uri):
+        raise MissingStore(
+            f"{what}: there is no MLflow tracking store at {uri} (nothing was written there); set "
+            f"MLFLOW_TRACKING_URI to the store the run was logged to (e.g. sqlite:////abs/path/mlflow.db or "
+            f"http://HEAD:5000), or run from the directory that holds its mlflow.db"
+        )
+
+
 def check_uri_for_cluster(uri: str, num_nodes: int) -> None:
     """Refuse a node-local store (sqlite file, ./mlruns) when training spans more than one node."""
     if num_nodes > 1 and is_local_uri(uri):
@@ -193,6 +228,7 @@ def experiment_id(c: mlflow.MlflowClient, name: str, *, create: bool) -> str | N
 
 
 def existing_run(c: mlflow.MlflowClient, run_id: str, uri: str):
+    require_store(uri, f"no MLflow run {run_id!r}")
     try:
         return c.get_run(run_id)
     except MlflowException as e:

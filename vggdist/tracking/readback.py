@@ -14,7 +14,15 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from vggdist.runmeta import DEFAULT_EXPERIMENT, TAG_CHECKPOINT, TAG_PARENT_RUN_ID
-from vggdist.tracking.client import NO_SUCH_RUN, client, existing_run, experiment_id, tracking_uri
+from vggdist.tracking.client import (
+    NO_SUCH_RUN,
+    client,
+    existing_run,
+    experiment_id,
+    require_store,
+    store_missing,
+    tracking_uri,
+)
 
 
 def _run_dict(run) -> dict[str, Any]:
@@ -45,7 +53,10 @@ def find_runs(
     experiment: str = DEFAULT_EXPERIMENT, *, filter_string: str = "", uri: str | None = None
 ) -> list[dict[str, Any]]:
     """Every active (not deleted) run of `experiment` matching `filter_string`, oldest first, as
-    `get_run` dicts; [] when the experiment does not exist. E.g. filter_string="tags.`vggdist.stage` = '1'"."""
+    `get_run` dicts; [] when the experiment (or the local store) does not exist, which stays so: nothing is
+    created. E.g. filter_string="tags.`vggdist.stage` = '1'"."""
+    if store_missing(uri or tracking_uri()):
+        return []
     c = client(uri)
     exp_id = experiment_id(c, experiment, create=False)
     if exp_id is None:
@@ -105,15 +116,17 @@ def upload_artifacts(
         c.log_artifact(run_id, os.fspath(p), artifact_path)
 
 
-def resolve_checkpoint(run_or_path: str, uri: str | None = None) -> str:
+def resolve_checkpoint(run_or_path: str, uri: str | None = None, flag: str = "--init-from") -> str:
     """An existing local path or a URI (s3://, file://, ...) is returned as is; otherwise `run_or_path` is
-    an MLflow run id and its TAG_CHECKPOINT (the latest checkpoint location) is returned."""
+    an MLflow run id and its TAG_CHECKPOINT (the latest checkpoint location) is returned. Errors name `flag`,
+    the command-line option the value came from; a missing local store is not created (MissingStore)."""
     if os.path.exists(run_or_path) or "://" in run_or_path:
         return run_or_path
     uri = uri or tracking_uri()
-    hint = "pass --init-from <run id> from the MLflow UI or a checkpoint directory"
+    hint = f"pass {flag} <run id> from the MLflow UI or a checkpoint directory"
     if not re.fullmatch(r"[0-9a-zA-Z_-]{1,64}", run_or_path):
         raise ValueError(f"{run_or_path!r} is neither a checkpoint path nor a run id in {uri}; {hint}")
+    require_store(uri, f"{flag} {run_or_path}")
     try:
         run = client(uri).get_run(run_or_path)
     except MlflowException as e:
