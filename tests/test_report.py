@@ -334,3 +334,12 @@ def test_report_against_mlflow_server(mlflow_server, tmp_path, monkeypatch):  # 
     assert {"report.md", "error_vs_depth.png"} <= logged
     dst = client.download_artifacts(ids["parent"], "report/error_vs_depth.png", str(tmp_path / "dl"))
     assert Path(dst).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_reduced_scale_note_follows_the_plans_preset_or_the_runs_crop():
+    from vggdist.report import _reduced_scale
+
+    assert _reduced_scale([], "study") and _reduced_scale([], "mini") and not _reduced_scale([], "paper")
+    assert _reduced_scale([{"crop_size": 32}, {"crop_size": 32}], "my-plan")  # a user plan on the mini preset
+    assert not _reduced_scale([{"crop_size": 224}], "my-plan")
+    assert not _reduced_scale([{"crop_size": 32}, {"crop_size": None}], "my-plan")  # unknown: no claim

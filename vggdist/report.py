@@ -89,7 +89,13 @@ def make_report(
     markdown = findings_md = ""
     if vgg_runs or not resnet_runs:
         findings_md = render_findings(found)
-        markdown = render_markdown(tables, sweep, experiment_name, plan, runs, compared) + "\n" + findings_md
+        markdown = (
+            render_markdown(
+                tables, sweep, experiment_name, plan, runs, compared, mini=_reduced_scale(runs, plan)
+            )
+            + "\n"
+            + findings_md
+        )
     resnet: dict[str, Any] = {}
     if resnet_runs:
         resnet = {
@@ -116,7 +122,7 @@ def make_report(
     doc = {**meta, "tables": tables, "comparisons": compared, "findings": found}
     doc.update({"resnet": resnet} if resnet else {})
     files[2].write_text(json.dumps(doc, indent=2) + "\n")
-    plot_error_vs_depth(tables, files[3], mini=plan == "mini")
+    plot_error_vs_depth(tables, files[3], mini=_reduced_scale(runs, plan))
     plot_training_curves(runs, files[4])
     if resnet:
         plot_degradation_curves(resnet_runs, files[5])
@@ -231,6 +237,18 @@ def _fusion_outcomes(
     return [cache.get(row.get("outcomes") or "") for row in fusion]
 
 
+def _reduced_scale(runs: list[dict[str, Any]], plan: str) -> bool:
+    """Whether the sweep trained below the paper's 224 crop: a built-in plan on the mini preset (`mini`, `study`),
+    or runs that every one logged a smaller `data.crop_size`. Its numbers then compare with the paper's in layout and
+    trends only."""
+    from vggdist.plan import BUILTIN_PLANS, builtin_plan
+
+    if any(p in BUILTIN_PLANS and builtin_plan(p).preset == "mini" for p in plan.split(" + ")):
+        return True
+    crops = [r.get("crop_size") for r in runs]
+    return bool(crops) and None not in crops and all(c < paper.SCALES["paper"]["crop_size"] for c in crops)
+
+
 def _run_results(run: dict[str, Any], tmp: Path, uri: str) -> dict[str, Any]:
     """One child run as {run_id, config, train_scale, stage, status, rows}; rows is None if not evaluated."""
     tags = run["tags"]
@@ -245,6 +263,7 @@ def _run_results(run: dict[str, Any], tmp: Path, uri: str) -> dict[str, Any]:
         "status": run["status"],
         "rows": rows,
         "init": run["params"].get("run.init", ""),
+        "crop_size": int(run["params"]["data.crop_size"]) if "data.crop_size" in run["params"] else None,
         "init_from": tags.get(runmeta.TAG_INIT_FROM),
         "outcomes": _outcomes(run["run_id"], runmeta.EVAL_OUTCOMES, tmp / run["run_id"], uri),
         "history": {

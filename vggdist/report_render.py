@@ -64,9 +64,12 @@ def render_markdown(
     plan: str,
     runs: list[dict],
     compared: list[dict] | None = None,
+    *,
+    mini: bool = False,
 ) -> str:
     """All four tables, a header naming the sweep, the paired comparisons and the list of child runs, as one
-    Markdown string (the findings, `render_findings`, follow it in report.md)."""
+    Markdown string (the findings, `render_findings`, follow it in report.md). `mini`: the runs trained below
+    the paper's scale, so a note says the numbers compare in layout and trends only."""
     lines = [
         f"# vggdist report: sweep `{sweep['name']}` ({sweep['run_id']})",
         "",
@@ -77,17 +80,17 @@ def render_markdown(
         "",
     ]
     mini_note = (
-        "**Plan `mini`:** trained and evaluated on Fashion-MNIST-scale data (32-pixel crops, scales shrunk "
+        f"**Plan `{plan}`, reduced scale:** trained and evaluated on Fashion-MNIST-scale data (32-pixel crops, scales shrunk "
         "by 32/224 and labelled with their paper equivalents); ours and the paper's numbers are comparable "
         "in layout and trends only, not in value."
     )
-    if plan == "mini":
+    if mini:
         lines += [mini_note, ""]
     for number in ("3", "4", "5", "6"):
         n = int(number)
         lines += [f"## {TABLE_TITLES[n]}", "", TABLE_NOTES[n]]
-        if plan == "mini":
-            lines[-1] += " Mini plan: Fashion-MNIST-scale data, not comparable in value."
+        if mini:
+            lines[-1] += " Reduced scale: not comparable in value."
         lines.append("")
         if n == 6:
             head = ["models", "train S", "test Q", "protocol"]
