@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     data = make_shards(tmp)
+    (tmp / "ray_results").mkdir()
+    (tmp / "ray_results" / ".vggdist-shared").touch()  # both nodes see this machine's disk: shared storage
     server = MlflowServer(tmp / "mlflow")
     server.start()
     c = RayCluster(num_cpus=1, dashboard=True)
@@ -74,6 +76,10 @@ def test_two_nodes_one_worker_each_distinct_streams(cluster, monkeypatch):
     keys_dir = cluster["tmp"] / "keys"
     keys_dir.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["uri"])
+    node_local = cluster["tmp"] / "node_local"  # no .vggdist-shared marker: refused, nothing written
+    with pytest.raises(ValueError, match="on this node's disk but Ray has 2 nodes.*--storage-path s3://"):
+        train(_cfg(cluster["tmp"], "local", **{"run.storage_path": str(node_local)}), str(cluster["data"]))
+    assert not node_local.exists()
     result = train(
         _cfg(cluster["tmp"], "two-nodes"), str(cluster["data"]), callbacks=[RecordKeys(str(keys_dir))]
     )

@@ -33,6 +33,7 @@ from vggdist.config import Config
 from vggdist.failures import CommandFailed
 from vggdist.ray_worker import WorkerSettings, worker_loop
 from vggdist.shardformat import data_dirs, read_manifest
+from vggdist.shared_storage import check_storage_for_cluster
 from vggdist.train import batch_plan
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def train(
     uri = tracking.tracking_uri()
     tracking.check_uri_for_cluster(uri, where.nodes)
     storage = storage_path(cfg)
+    check_storage_for_cluster(storage, where.nodes)  # before anything is written there
     tracking.replay_pending(storage)  # runs of this storage an earlier outage left spooled
     tracking.check_reachable(uri)  # creating the run needs MLflow: fail now, before anything ran
 

@@ -23,6 +23,7 @@ import ray
 from vggdist import cluster, console, runmeta, tracking
 from vggdist.config import Config
 from vggdist.plan import Plan, Stage, builtin_plan, plan_to_yaml, stage_config
+from vggdist.shared_storage import check_storage_for_cluster
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def run_sweep(
     uri = tracking.tracking_uri()
     first = next(iter(configs.values())).run
     storage = storage_path(next(iter(configs.values())))
+    check_storage_for_cluster(storage, where.nodes)  # every stage's checkpoints, read by the next stage
     # before reading which stages are done: an earlier outage may have left their results spooled
     tracking.replay_pending(storage)
     tracking.check_reachable(uri)
