@@ -11,14 +11,15 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-run the install whenever the dependency list changes; a no-op otherwise.
-$(STAMP): pyproject.toml setup.py vggdist/_jpegcrop.c preprocess/_moments.c scripts/install_pillow_simd.sh
+$(STAMP): pyproject.toml constraints.txt setup.py vggdist/_jpegcrop.c preprocess/_moments.c scripts/install_pillow_simd.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	# every step under constraints.txt: the exact versions the cluster nodes install too
 	# 1. torch + torchvision as a pair (from this machine's disk; pip only, not uv/poetry)
-	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -c constraints.txt torch torchvision
 	# 2-3. the rest, then this project in editable mode with its dev extras
-	$(PIP) install -q "ray[default,train]" webdataset mlflow
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt "ray[default,train]" webdataset mlflow
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# 4. pillow-simd last (it replaces Pillow; anything installed later may bring Pillow back)
 	bash scripts/install_pillow_simd.sh $(BIN)/python
 	@touch $(STAMP)

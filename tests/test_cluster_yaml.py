@@ -36,4 +36,35 @@ def test_services_bind_to_private_or_loopback_addresses_only():
     assert "--dashboard-host=127.0.0.1" in start
     assert "mlflow server --host $(hostname -I" in start and "0.0.0.0" not in start
     setup = " ".join(yaml.safe_load(text)["setup_commands"])
-    assert "torch==2.14.1" in setup and "install_pillow_simd.sh" in setup and "-e /home/ubuntu/vggdist" in setup
+    assert "install_pillow_simd.sh" in setup and "-e /home/ubuntu/vggdist" in setup
+
+
+def test_every_node_installs_the_pinned_stack():
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    installs = [c for c in cfg["setup_commands"] + cfg["head_setup_commands"] if "pip install" in c]
+    installs = [c for c in installs if "--upgrade pip" not in c]
+    assert installs and all("-c /home/ubuntu/vggdist/constraints.txt" in c for c in installs), installs
+    pins = dict(
+        line.split("#")[0].strip().split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line.split("#")[0]
+    )
+    for name in ("torch", "torchvision", "ray", "mlflow", "webdataset"):
+        assert name in pins, name
+    major, minor = (int(x) for x in pins["torch"].split(".")[:2])
+    assert (major, minor) >= (2, 6)  # CVE-2025-32434
+    makefile = (ROOT / "Makefile").read_text()
+    assert makefile.count("-c constraints.txt") >= 3
+
+
+def test_ray_token_auth_and_mlflow_on_postgresql():
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in start), key
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "RAY_AUTH_MODE=disabled" not in text
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--backend-store-uri \"postgresql://" in head and "sqlite" not in head
+    assert "--artifacts-destination /mnt/shared/mlflow/artifacts" in head
+    assert any("apt-get install" in c and "postgresql" in c for c in cfg["head_setup_commands"])
