@@ -291,3 +291,22 @@ def test_a_stuck_shard_read_times_out_instead_of_hanging(tmp_path, workers):
             list(loader)
     finally:  # release the blocked reader (a thread of this process, or a loader process that is ending)
         threading.Thread(target=lambda: os.close(os.open(shard, os.O_WRONLY)), daemon=True).start()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_malformed_tar_member_fails_the_loader_with_the_shard_named(tmp_path, workers):
+    """A shard whose pax header is malformed (e.g. a record length of 0) raises TarError through the loader,
+    in-process and from a loader process, instead of looping: a damaged shard is a clear error, not a hang."""
+    from tests.test_shardio import _pax_records, _pax_shard, _with_pax_data
+    from vggdist.shardio import TarError
+
+    write_split(tmp_path / "train", "train", [3])
+    raw = _pax_shard()
+    start, size = _pax_records(raw)[0]
+    (tmp_path / "train" / "train-000000.tar").write_bytes(_with_pax_data(raw, start, size, b"0 mtime=0\n"))
+    loader = D.train_loader(
+        tmp_path, CFG, batch_size=2, steps=2, rank=0, world_size=1, seed=0, epoch=0, num_workers=workers,
+        timeout_s=30,
+    )  # fmt: skip
+    with pytest.raises(TarError, match=r"train-000000\.tar: pax header"):
+        list(loader)
