@@ -280,6 +280,35 @@ def local_copy(path: str) -> Iterator[str]:
         yield tmp
 
 
+def load(path: str, map_location: str = "cpu") -> dict[str, Any]:
+    """`vggdist.checkpoint.load` of a checkpoint at a local path or a URI (`s3://…`, downloaded first): what
+    resume, `--init-from` and `vggdist evaluate` read, wherever the run's storage is."""
+    from vggdist import checkpoint as ckpt
+
+    with local_copy(path) as d:
+        return ckpt.load(d, map_location=map_location)
+
+
+def load_config(path: str):
+    """The Config stored in the checkpoint at a local path or a URI."""
+    from vggdist.config import Config
+
+    return Config.from_dict(load(path)["config"])
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """meta.json of the checkpoint at a local path or a URI (only that file is read); {} when it has none."""
+    fs, fs_path = _filesystem(path)
+    if fs is None:
+        f = Path(fs_path) / META_FILE
+        return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        with fs.open_input_stream(f"{fs_path.rstrip('/')}/{META_FILE}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return {}
+
+
 def _read_local(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vggdist import checkpoint as ckpt
-from vggdist import data
+from vggdist import checkpoint_store, data
 from vggdist.augment import DeviceAugment
 from vggdist.config import Config
 from vggdist.evaluate import EvalNet, evaluate_images
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 def load_eval_net(checkpoint_path: str, device: torch.device | str = "cpu") -> EvalNet:
     """Rebuild the network of a checkpoint for the test protocols; its config (crop) and the dataset statistics
     it was trained with (the input normalisation) travel with it."""
-    state = ckpt.load(checkpoint_path)
+    state = checkpoint_store.load(checkpoint_path)
     cfg = Config.from_dict(state["config"])
     model = build_model(cfg, int(state["num_classes"]))
     model.load_state_dict(state["model"])

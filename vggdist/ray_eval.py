@@ -16,8 +16,7 @@ from typing import Any
 import ray
 import torch
 
-from vggdist import checkpoint as ckpt
-from vggdist import cluster, runmeta, tracking
+from vggdist import checkpoint_store, cluster, runmeta, tracking
 from vggdist.data import check_eval_count, expected_eval_count
 from vggdist.eval_run import evaluate_shard_slice
 from vggdist.outcome_file import log_outcomes
@@ -88,7 +87,7 @@ def _checkpoint_of(run_or_ckpt: str, uri: str, flag: str = "--run") -> tuple[str
     """(checkpoint path, MLflow run id or None) for a run id or a checkpoint path (`flag`: where it came from)."""
     path = tracking.resolve_checkpoint(run_or_ckpt, uri=uri, flag=flag)
     run_id = None if os.path.exists(run_or_ckpt) or "://" in run_or_ckpt else run_or_ckpt
-    return path, run_id or ckpt.read_meta(path).get("mlflow_run_id")
+    return path, run_id or checkpoint_store.read_meta(path).get("mlflow_run_id")
 
 
 def evaluate(
@@ -124,7 +123,7 @@ def evaluate(
     run_spool = tracking.existing_spool(run_dir)  # None for a checkpoint outside any vggdist run storage
     if run_spool and tracking.replay_pending(os.path.dirname(run_dir)) and members[0][0] != run_or_checkpoint:
         members[0] = _checkpoint_of(run_or_checkpoint, uri)  # the replay may have moved its checkpoint tag
-    cfg = ckpt.load_config(members[0][0])
+    cfg = checkpoint_store.load_config(members[0][0])
     scales = list(scales or cfg.eval.test_scales)
     fraction = cfg.eval.multicrop_fraction if multicrop_fraction is None else multicrop_fraction
     protocols = tuple(protocols or cfg.eval.protocols)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vggdist import checkpoint as ckpt
 from vggdist import checkpoint_store, cluster, data, ray_fit, runmeta, tracking
 from vggdist.config import Config
 from vggdist.failures import CommandFailed
@@ -88,7 +87,7 @@ def train(
     init_checkpoint = init_from_run = None
     if cfg.run.init in ("from-shallower", "resume-weights"):
         init_checkpoint = tracking.resolve_checkpoint(cfg.run.init_from, uri=uri)
-        init_from_run = ckpt.read_meta(init_checkpoint).get("mlflow_run_id") or cfg.run.init_from
+        init_from_run = checkpoint_store.read_meta(init_checkpoint).get("mlflow_run_id") or cfg.run.init_from
 
     run_name = cfg.run.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = f"{storage}/{run_name}"

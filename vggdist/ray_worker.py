@@ -70,7 +70,7 @@ def worker_loop(loop_config: dict[str, WorkerSettings]) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
 
     model = build_model(cfg, ws.num_classes)
-    init_state = ckpt.load(ws.init_checkpoint)["model"] if ws.init_checkpoint else None
+    init_state = checkpoint_store.load(ws.init_checkpoint)["model"] if ws.init_checkpoint else None
     mapping = apply_init(model, cfg, init_state)
     model = sync_batch_norm(model, cfg.run.sync_bn and world > 1)  # before DDP wraps it
     if cfg.run.use_channels_last:

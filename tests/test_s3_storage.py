@@ -1,0 +1,107 @@
+"""Run storage on S3 (`--storage-path s3://…`) with a real S3 API on 127.0.0.1 (moto's server), reached through the
+standard AWS variables (AWS_ENDPOINT_URL, keys, region) that pyarrow and boto read: a `vggdist train` writes its
+checkpoints there, a rerun resumes from them, `vggdist evaluate --run` reads one, and a deeper net's stage is
+seeded from it (`--init-from`), all through `pyarrow.fs` (`vggdist.checkpoint_store`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_data import make_shards
+from vggdist import checkpoint_store, tracking
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(bucket URI, the AWS_* environment that points at it)."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_file = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log_file,
+        stderr=log_file,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="vggdist")  # fmt: skip
+    try:
+        yield "s3://vggdist", env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log_file.close()
+
+
+def _run(args: list[str], tmp: Path, aws: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        **aws,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "vggdist.cli", *args], env=env, cwd=tmp, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_train_resume_evaluate_and_init_from_s3_storage(s3, tmp_path, monkeypatch):
+    bucket, aws = s3
+    data = make_shards(tmp_path, train_per_class=16, val_per_class=4)
+    storage = f"{bucket}/results"
+    common = ["--preset", "mini", "--data", str(data), "--storage-path", storage,
+              "--set", "optim.global_batch_size=32", "--set", "schedule.early_stop=false",
+              "--set", "data.loader_workers=0"]  # fmt: skip
+
+    p = _run(["train", "--config", "A", "--epochs", "1", "--run-name", "a", *common], tmp_path, aws)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for k, v in aws.items():
+        monkeypatch.setenv(k, v)
+    first = checkpoint_store.latest(f"{storage}/a")
+    assert first is not None and first.epoch == 1 and first.path.startswith("s3://vggdist/results/a/")
+
+    p = _run(["train", "--config", "A", "--epochs", "2", "--run-name", "a", *common], tmp_path, aws)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from s3://vggdist/results/a/epoch_001" in p.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (run,) = tracking.find_runs("vggdist", uri=uri)
+    assert run["status"] == "FINISHED" and run["tags"]["vggdist.checkpoint"].startswith("s3://vggdist/results/a/")
+    assert [s for s, _ in tracking.metric_history(run["run_id"], "train/loss", uri=uri)] == [1, 2]
+
+    p = _run(["evaluate", "--run", run["run_id"], "--data", str(data), "--workers", "1",
+              "--protocols", "dense", "--scales", "37"], tmp_path, aws)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| dense |" in p.stdout
+
+    p = _run(["train", "--config", "B", "--epochs", "1", "--run-name", "b", "--init", "from-shallower",
+              "--init-from", run["run_id"], *common], tmp_path, aws)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = next(r for r in tracking.find_runs("vggdist", uri=uri) if r["name"] == "b")
+    assert b["tags"]["vggdist.init_from"] == run["run_id"] and "vggdist.init_mapping" in b["tags"]
