@@ -182,6 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         train_per_class=args.train_per_class,
         address=args.address,
         plan=args.plan,
+        sets=args.sets,
     )
 
 

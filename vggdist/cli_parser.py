@@ -181,9 +181,18 @@ def build_parser(handlers: Mapping[str, Callable[[argparse.Namespace], int]]) ->
     )
     d.add_argument(
         "--plan",
-        choices=("mini", "study"),
+        choices=("mini", "study", "degradation-mini"),
         default="mini",
-        help="mini: the 10-minute demo; study: all of Fashion-MNIST with the study plan (~90 min on 2 cores)",
+        help="mini: the 10-minute demo; study: all of Fashion-MNIST with the study plan (~90 min on 2 cores); "
+        "degradation-mini: all of Fashion-MNIST, plain vs residual nets (He et al. 2016; cap the epochs with --set)",
+    )
+    d.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every run of the sweep, e.g. schedule.epochs=3 (repeatable)",
     )
     _add_address(d)
     d.set_defaults(func=handlers["demo"])

@@ -44,7 +44,9 @@ CLASSES = (
 )
 STORED_SIDE = 64  # 28 -> 64 pixels: the mini preset trains at S in [37, 73] and tests at Q up to 73
 CHANCE_TOP1_ERR = 90.0
-PLANS = {"mini": "vggdist-demo", "study": "vggdist-study"}  # the plans the demo runs, and their experiments
+# the plans the demo runs, and their experiments; degradation-mini: He et al.'s plain vs residual nets
+PLANS = {"mini": "vggdist-demo", "study": "vggdist-study", "degradation-mini": "vggdist-degradation"}
+FULL_PLANS = ("study", "degradation-mini")  # all of Fashion-MNIST
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -115,12 +117,15 @@ def run_demo(
     train_per_class: int | None = None,
     address: str | None = None,
     plan: str = "mini",
+    sets: list[str] | None = None,
 ) -> int:
     """Run the demo end to end in `workdir`; returns a process exit code (1 if a network did not learn).
 
     `plan` "mini" is the 10-minute demo; "study" is the same pipeline on all of Fashion-MNIST (60,000 training
     and 10,000 test images) with `--plan study` (~90 minutes on 2 CPU cores), in the MLflow experiment
-    `vggdist-study`."""
+    `vggdist-study`; "degradation-mini" trains plain-/resnet-20 and -56 on all of it (He et al.'s degradation
+    study, MLflow experiment `vggdist-degradation`). `sets` are --set overrides for every run (e.g.
+    schedule.epochs=3)."""
     if plan not in PLANS:
         raise ValueError(f"--plan {plan!r}: the demo runs {' or '.join(PLANS)}")
     from vggdist import cluster
@@ -139,7 +144,7 @@ def run_demo(
     # mini: 6,000 training images, enough for the nets to separate and few enough that every stage reaches its
     # plateau or its epoch cap in the 10-minute budget; 2,000 held-out test images (from Fashion-MNIST's test
     # set) keep one binomial SE of an error rate near 0.8 pt at 15 % error. study: all of both sets.
-    full = plan == "study"
+    full = plan in FULL_PLANS
     per_class = train_per_class or (100 if quick else 6000 if full else 600)
     val_per_class = 20 if quick else 1000 if full else 200
     experiment = PLANS[plan]
@@ -172,12 +177,16 @@ def run_demo(
             return 1
 
     _say(
-        f"[3/4] vggdist sweep --plan {plan} (A and D from random init; deeper nets from A; scale jittering; "
-        "evaluation; fusion)"
+        f"[3/4] vggdist sweep --plan {plan} "
+        + (
+            "(plain and residual nets at two depths, concurrently; evaluation)"
+            if plan == "degradation-mini"
+            else "(A and D from random init; deeper nets from A; scale jittering; evaluation; fusion)"
+        )
     )
     from vggdist.sweep import run_sweep
 
-    sets = ["run.storage_path=" + str(work / "ray_results")]
+    sets = ["run.storage_path=" + str(work / "ray_results"), *(sets or [])]
     if quick:
         sets += ["schedule.epochs=1"]
     # an interrupted demo or study resumes: the sweep's name stays in the work directory until it finishes
@@ -186,7 +195,7 @@ def run_demo(
         sweep_name = unfinished.read_text().strip()
         _say(f"      resuming the interrupted sweep {sweep_name} (its finished stages are kept)")
     else:
-        sweep_name = f"{'study' if full else 'demo'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_name = f"{'demo' if plan == 'mini' else plan}-{time.strftime('%Y%m%d-%H%M%S')}"
         unfinished.write_text(sweep_name + "\n")
     summary = run_sweep(
         str(shards),
@@ -231,8 +240,9 @@ def _check_learning(report: dict) -> bool:
     """Every depth's best test top-1 error must be well below chance (90% for 10 classes); printed with its 95 %
     Wilson interval and n."""
     best: dict[str, dict] = {}
-    for number in ("3", "4", "5"):
-        for row in report["tables"].get(number, []):
+    he = report.get("resnet", {}).get("tables", {})  # He et al.'s nets (plan degradation-mini)
+    for rows in [report["tables"].get(n, []) for n in ("3", "4", "5")] + list(he.values()):
+        for row in rows:
             err = row.get("ours_top1")
             if err is not None and err < best.get(row["config"], {}).get("ours_top1", 101.0):
                 best[row["config"]] = row
