@@ -165,3 +165,5 @@ def test_degradation_plans_are_four_independent_nets_on_the_resnet_presets():
         assert (cfg.optim.lr, cfg.optim.global_batch_size, cfg.schedule.epochs) == (0.1, 128, 3)
         assert cfg.eval.test_scales == (37,) and cfg.eval.protocols == ("single", "tencrop")
     assert "degradation-mini" in plan_to_yaml(mini)
+    # a sweep scores with the stage config's protocols: --set can drop the 10-crop test on a large test set
+    assert {c.eval.protocols for c in _configs(mini, sets=["eval.protocols=single"]).values()} == {("single",)}

@@ -64,7 +64,7 @@ def _run_stage(
     evaluate(
         result.checkpoint or result.run_id,
         data_dir,
-        protocols=stage.protocols,
+        protocols=cfg.eval.protocols,  # the stage's, unless --set eval.protocols=… overrides them
         scales=list(cfg.eval.test_scales),
         paper_scales=list(stage.paper_test_scales),
         workers=cfg.run.workers,
