@@ -25,10 +25,12 @@ $(STAMP): pyproject.toml constraints.txt setup.py vggdist/_jpegcrop.c preprocess
 	@touch $(STAMP)
 
 # Fashion-MNIST (Debian package) lets the shortened-demo and grad-compression tests use the demo's real data;
-# without it they skip / fall back to generated images. Chromium (Debian package) runs the MLflow UI test.
+# without it they skip / fall back to generated images. Chromium (Debian package) runs the MLflow UI test,
+# PostgreSQL (Debian package) the test of MLflow on PostgreSQL as cluster.yaml runs it.
 test: setup
 	@bash scripts/install_fashion_mnist.sh || echo "continuing without Fashion-MNIST"
 	@bash scripts/install_chromium.sh || echo "continuing without Chromium (the MLflow UI test skips)"
+	@bash scripts/install_postgresql.sh || echo "continuing without PostgreSQL (the MLflow-on-PostgreSQL test skips)"
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

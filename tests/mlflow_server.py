@@ -36,12 +36,13 @@ def free_port() -> int:
 class MlflowServer:
     """One `mlflow server` whose state lives under `root` (mlflow.db, artifacts/, server.log)."""
 
-    def __init__(self, root: str | os.PathLike, port: int | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, port: int | None = None, backend_uri: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.db_path = self.root / "mlflow.db"
+        self.backend_uri = backend_uri or f"sqlite:///{self.db_path}"  # e.g. postgresql://user@127.0.0.1:PORT/db
         self.artifacts = self.root / "artifacts"
         self.log_path = self.root / "server.log"
         self._proc: subprocess.Popen | None = None
@@ -62,7 +63,7 @@ class MlflowServer:
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.db_path}",
+            "--backend-store-uri", self.backend_uri,
             "--artifacts-destination", str(self.artifacts),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
