@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,14 @@ def _pg_bin() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
+def postgres():
     """postgresql://mlflow@127.0.0.1:PORT/mlflow on a fresh cluster, stopped afterwards."""
     pytest.importorskip("psycopg", reason="psycopg[binary] (dev extras) is needed for MLflow on PostgreSQL")
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install -y postgresql; make test tries it)")
-    root = tmp_path_factory.mktemp("pg")
+    # outside pytest's temp root, which is private to this user: the postgres user must reach the data dir
+    root = Path(tempfile.mkdtemp(prefix="vggdist-pg-", dir="/tmp"))
     port = free_port()
 
     def as_user(cmd: str) -> subprocess.CompletedProcess:
@@ -58,6 +60,7 @@ def postgres(tmp_path_factory):
         yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         as_user(f"{bindir}/pg_ctl -D {data} -m immediate -w stop")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_run_tracked_through_mlflow_on_postgresql(postgres, tmp_path):
