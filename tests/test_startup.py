@@ -91,7 +91,8 @@ def data(tmp_path_factory):
 def head(tmp_path_factory):
     """A `ray start --head` whose record is in <RAY_TMPDIR>/ray, as /tmp/ray/ray_current_cluster is for a user."""
     tmpdir = tempfile.mkdtemp(prefix="vgs", dir="/tmp")  # short: Ray's socket paths are length-limited
-    cluster = RayCluster(num_cpus=1, dashboard=True, temp_dir=f"{tmpdir}/ray")
+    # no dashboard: every check reads the head's GCS (its nodes and jobs) or joins it with --address auto
+    cluster = RayCluster(num_cpus=1, dashboard=False, temp_dir=f"{tmpdir}/ray")
     assert (Path(tmpdir) / "ray" / "ray_current_cluster").read_text().strip()
     try:
         yield {"cluster": cluster, "ray_tmpdir": tmpdir, "timings": {}}
@@ -223,7 +224,8 @@ def _epoch_logged(uri: str) -> bool:
 def test_a_run_started_without_a_name_resumes_by_the_name_in_its_log(data, tmp_path):
     env = _env(tmp_path)
     uri = env["MLFLOW_TRACKING_URI"]
-    args = _train_args(data, tmp_path / "ray", "--set", "schedule.samples_per_epoch=1600", epochs=4)
+    # 25 steps an epoch: long enough that epochs 2-4 cannot end between two polls of the kill loop below
+    args = _train_args(data, tmp_path / "ray", "--set", "schedule.samples_per_epoch=800", epochs=4)
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log_file:
         first = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=log_file, stderr=log_file)
