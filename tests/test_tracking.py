@@ -95,7 +95,7 @@ def test_eval_metric_names_round_trip():
     assert tracking.parse_eval_metric_name("eval/dense/Q32-48/top1_err") == ("dense", (32, 48), "top1_err")
     assert tracking.parse_eval_metric_name("val/top1_err") is None
     with pytest.raises(ValueError, match="unknown evaluation protocol"):
-        eval_metric_name("tencrop", [256], "top1_err")
+        eval_metric_name("sevencrop", [256], "top1_err")
     with pytest.raises(ValueError, match="positive"):
         eval_metric_name("dense", [], "top1_err")
 
