@@ -128,8 +128,9 @@ def checkpoint_bytes(local_dir: str | os.PathLike) -> int:
 # -------------------------------------------------------------------------------------------------- persist
 
 
-def _filesystem(path: str):
-    """(pyarrow filesystem, path in it) for a URI; (None, absolute path) for a local path."""
+def _filesystem(path: str | os.PathLike):
+    """(pyarrow filesystem, path in it) for a URI; (None, absolute path) for a local path (str or Path)."""
+    path = os.fspath(path)
     if "://" not in path:
         return None, os.path.abspath(os.path.expanduser(path))
     import pyarrow.fs as pafs
