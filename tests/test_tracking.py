@@ -433,3 +433,32 @@ def test_outage_longer_than_the_run_then_vggdist_sync(
     assert "nothing spooled" in capsys.readouterr().out
     assert len(tracking.metric_rows(t.run_id, "val/top1_err", uri=server.uri)) == 3
     assert cli_main(["sync", str(tmp_path / "missing")]) == 2
+
+
+def test_runs_that_start_together_log_the_same_dataset_inputs(tmp_path):
+    """A sweep's concurrent stages log the same shards at the same moment: each run gets its inputs, none fails."""
+    import threading
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = mlflow.MlflowClient(uri)
+    exp = c.create_experiment("e")
+    runs = [c.create_run(exp).info.run_id for _ in range(6)]
+    data = [{"name": "data/train", "digest": "ab" * 8, "source": str(tmp_path), "num_samples": 5,
+             "context": "training"}]  # fmt: skip
+    errors = []
+
+    def log(run_id):
+        try:
+            tracking.log_datasets(run_id, data, uri)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(len(c.get_run(r).inputs.dataset_inputs) == 1 for r in runs)

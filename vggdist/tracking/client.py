@@ -283,13 +283,23 @@ def log_datasets(run_id: str, datasets: Sequence[Mapping[str, Any]], uri: str) -
         )
         for d in datasets
     ]
-    try:
-        with http_policy(LIFECYCLE_HTTP_POLICY):
-            client(uri).log_inputs(run_id, datasets=inputs)
-    except MlflowException as e:
-        if e.error_code in REJECTED_ERRORS | BLOCKED_ERRORS:
-            raise
-        raise unreachable(uri, e) from e
+    for attempt in range(3):
+        try:
+            with http_policy(LIFECYCLE_HTTP_POLICY):
+                client(uri).log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            # Two runs that start together (a sweep's concurrent stages) may both insert the same dataset row
+            # into a SQL store: the loser's insert fails on the unique key, and a retry finds the row.
+            if "UNIQUE constraint" in str(e) or "duplicate key" in str(e):
+                if attempt < 2:
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                log.warning("run %s: its dataset inputs were not logged (%s); lineage only", run_id, e)
+                return
+            if e.error_code in REJECTED_ERRORS | BLOCKED_ERRORS:
+                raise
+            raise unreachable(uri, e) from e
 
 
 def check_reachable(uri: str) -> None:
