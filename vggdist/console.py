@@ -9,6 +9,8 @@ Quiet by default, at the source of each kind of chatter (nothing is filtered out
   (`train_logging_config`) and the ``ray.train`` logger of the process that builds the trainer.
 - The token-authentication notice a local Ray prints when ``~/.ray/auth_token`` exists ("Token
   authentication is enabled for this Ray cluster"): the cluster is private to this command.
+- Ray's worker-line decoration: the coloured ``(_run_stage pid=…)`` prefix and the folding of alike lines into
+  "[repeated 2x across cluster]" with its note (``RAY_DISABLE_WORKER_LOG_PREFIX``, ``RAY_DEDUP_LOGS``).
 - MLflow's and alembic's INFO lines when a SQLite store is created ("Creating initial MLflow database tables"),
   and MLflow's "Downloading artifacts" bar for every small artifact `vggdist report` reads
   (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``).
@@ -51,6 +53,12 @@ def set_verbose(on: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if on else "0"
     if not on:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # worker lines forwarded to this driver (progress of each stage's rank 0) print as they are: they name
+        # their stage themselves, so no coloured "(_run_stage pid=…)" prefix, and none is folded into Ray's
+        # "[repeated 2x across cluster]" with its note on log deduplication (two stages' progress lines look
+        # alike to it). Read when ray is imported, which the CLI does only after this.
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     quiet_libraries()
 
 

@@ -60,6 +60,7 @@ def _distributed_outcomes(
     workers: int,
     gpu: bool,
     fraction: float = 1.0,
+    label: str = "",
 ) -> tuple[Outcomes, str]:
     """The outcomes of `workers` Ray tasks, in manifest order, and the count as a sentence; refuses unless every
     validation image was scored exactly once or skipped as undecodable (`vggdist.data.check_eval_count`)."""
@@ -70,7 +71,8 @@ def _distributed_outcomes(
     ]
     expected = expected_eval_count(val_dir)
     slices: dict[ray.ObjectRef, Outcomes] = {}
-    with Progress(f"evaluate {'+'.join(protocols)} Q={','.join(map(str, scales))}", expected) as bar:
+    what = f"{label + ' ' if label else ''}{'+'.join(protocols)} Q={','.join(map(str, scales))}"
+    with Progress(f"evaluate {what}", expected) as bar:
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -127,8 +129,10 @@ def evaluate(
     scales = list(scales or cfg.eval.test_scales)
     fraction = cfg.eval.multicrop_fraction if multicrop_fraction is None else multicrop_fraction
     protocols = tuple(protocols or cfg.eval.protocols)
+    # which run the progress line is about (a sweep evaluates several at once): its storage directory's name
+    label = os.path.basename(run_dir) + (f" + {len(members) - 1} more" if ensemble else "")
     outcomes, count = _distributed_outcomes(
-        [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu, fraction
+        [m[0] for m in members], val_dir, list(protocols), scales, max(1, workers), gpu, fraction, label
     )
     rows = results_rows(outcomes.counts(), scales, paper_scales)
     models = [m[1] or m[0] for m in members]
