@@ -153,6 +153,8 @@ def test_comparisons_and_findings_from_logged_outcomes(store, tmp_path):  # noqa
     combined = found[CLAIMS[4]]  # significant vs dense, within noise vs multi-crop: within noise overall
     assert combined["verdict"] == WITHIN_NOISE and combined["test_set"] == "val: 20 images (stated subset)"
     assert combined["p_value"] == pytest.approx(0.125)
+    # Δ and p are those of the deciding comparison (vs multi-crop: 7 → 3 wrong of 20); vs dense in the text
+    assert combined["delta"] == pytest.approx(-20.0) and "vs dense: 50.00" in combined["ours"]
 
     fusion = found[CLAIMS[5]]
     assert fusion["p_value"] == pytest.approx(2 / 2**14) and fusion["verdict"] == REPRODUCED

@@ -38,6 +38,7 @@ class Side:
     row: RowOutcome
     manifest: str | None = None  # the test set's manifest hash, where the evaluation recorded it
     split: str = "val"
+    total: int | None = None  # images in its evaluation (its largest row): more than row.n on a stated subset
 
 
 def qs_label(qs: Iterable[int]) -> str:
@@ -51,7 +52,8 @@ def run_side(run: dict[str, Any], protocol: str, paper_qs: Sequence[int]) -> Sid
     if row is None:
         return None
     label = f"{run['label']} {paper.PROTOCOL_LABELS.get(protocol, protocol)} Q={qs_label(paper_qs)}"
-    return Side(label, row, f.meta.get(runmeta.TAG_MANIFEST), f.meta.get("split", "val"))
+    total = max(r.n for r in f.rows.values())
+    return Side(label, row, f.meta.get(runmeta.TAG_MANIFEST), f.meta.get("split", "val"), total)
 
 
 def pair(a: Side, b: Side) -> tuple[PairedComparison | None, str]:
@@ -92,6 +94,7 @@ def compare(family: str, a: Side, b: Side, *, b_better: bool = True) -> dict[str
         return {**row, "n": None, "delta": None, "delta_lo": None, "delta_hi": None, "p_value": None,
                 "label": NOT_PAIRED, "verdict": NOT_PAIRED, "test_set": None}  # fmt: skip
     lo, hi = result.delta_ci
+    subset = bool(note) or any(side.total is not None and result.n < side.total for side in (a, b))
     row.update(_rate("a", ErrorRate(result.a_errors, result.n)))
     row.update(_rate("b", ErrorRate(result.b_errors, result.n)))
     row.update(
@@ -104,7 +107,7 @@ def compare(family: str, a: Side, b: Side, *, b_better: bool = True) -> dict[str
         p_value=result.p_value,
         label=result.label,
         verdict=result.verdict(b_better),
-        test_set=f"{a.split}: {result.n} images" + (" (stated subset)" if note else ""),
+        test_set=f"{a.split}: {result.n} images" + (" (stated subset)" if subset else ""),
     )
     return row
 
