@@ -245,3 +245,11 @@ def test_a_claim_whose_sides_were_scored_on_different_test_sets_is_not_paired():
     staged = rows[1]
     assert (staged["verdict"], staged["p_value"], staged["test_set"]) == ("not paired", None, None)
     assert "different test sets" in staged["note"]
+
+
+def test_runs_without_outcomes_are_named_with_the_command_that_scores_them():
+    old = {"label": "A/256", "run_id": "r0a", "config": "A", "train_scale": "256", "outcomes": None}
+    rows = findings([old], [])
+    assert {r["verdict"] for r in rows} == {NOT_MEASURED}
+    assert all("A/256 (r0a): rerun `vggdist evaluate --run RUN_ID`" in r["note"] for r in rows)
+    assert all("rerun" not in (r["note"] or "") for r in findings([], []))

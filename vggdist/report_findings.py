@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vggdist import paper
+from vggdist import paper, runmeta
 from vggdist.outcome_file import OutcomeFile
 from vggdist.report_compare import (
     NOT_PAIRED,
@@ -103,12 +103,13 @@ def findings(
 ) -> list[dict[str, Any]]:
     """One row per claim in `CLAIMS` (inputs as `vggdist.report_compare.comparisons` takes them); each row has
     the keys of `FIELDS` (delta in pt of top-1 error, the second side minus the first)."""
+    without = [r for r in runs if r.get("outcomes") is None]
     runs = [r for r in runs if r.get("outcomes") is not None]
     # deepest first; at equal depth the jittered run (the paper's Tables 4-6 use the jittered nets)
     by_depth = sorted(
         runs, key=lambda r: (depth_key(r["config"]), is_jittered(r["train_scale"])), reverse=True
     )
-    return [
+    rows = [
         _depth([r for r in runs if r.get("canonical", True)]),
         _staged(runs),
         _jitter(runs, by_depth),
@@ -116,6 +117,14 @@ def findings(
         _combined(by_depth),
         _fusion(runs, fusion),
     ]
+    if without:  # e.g. evaluated by a vggdist that did not record per-image outcomes yet
+        hint = "no per-image outcomes ({}) for {}: rerun `vggdist evaluate --run RUN_ID` on them".format(
+            runmeta.EVAL_OUTCOMES, ", ".join(f"{r.get('label', '?')} ({r.get('run_id', '?')})" for r in without)
+        )
+        for row in rows:
+            if row["verdict"] == NOT_MEASURED:
+                row["note"] = "; ".join(x for x in (row["note"], hint) if x)
+    return rows
 
 
 def _depth(canonical: list[dict[str, Any]]) -> dict[str, Any]:
