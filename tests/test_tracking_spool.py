@@ -24,9 +24,10 @@ import pytest
 
 from vggdist import tracking
 from vggdist.cli import main as cli_main
-from vggdist.tracking import client as mlflow_client
 from vggdist.tracking.records import artifact_record, log_record, status_record
+from vggdist.tracking.runs import create_run
 from vggdist.tracking.sender import MAX_METRICS, MAX_PARAMS, MAX_TAGS, Sender
+from vggdist.tracking.sink import sink as mlflow_sink
 from vggdist.tracking.spool import LEASE_FILE, Lease, Spool, SpoolWriter
 
 EXPERIMENT = "spool-tests"
@@ -41,7 +42,7 @@ class Recording:
 
     def __init__(self, uri: str, crash_after: int | None = None) -> None:
         self.uri = uri
-        self.real = mlflow_client.sink(uri)
+        self.real = mlflow_sink(uri)
         self.calls: list[tuple] = []
         self.crash_after = crash_after
 
@@ -69,7 +70,7 @@ def uri(tmp_path_factory) -> str:
 
 
 def new_run(uri: str, name: str) -> str:
-    run_id, _, _ = mlflow_client.create_run(EXPERIMENT, run_name=name, tags={}, uri=uri)
+    run_id, _, _ = create_run(EXPERIMENT, run_name=name, tags={}, uri=uri)
     return run_id
 
 

@@ -5,7 +5,9 @@ replayed to MLflow by a background sender, so training never waits for MLflow an
 
 - `spool`, `fileops`: the append-only spool (local or shared filesystem, or an object store via pyarrow.fs);
 - `sender`: the replay, in order, acknowledged call by call, idempotent after a crash (no mlflow import);
-- `client`: tracking URI, HTTP policy, run creation, and the MLflow sink the sender replays into;
+- `client`: where MLflow is (tracking URI, local stores) and how it is called (HTTP policy, error gists);
+- `runs`: experiments and runs: creating, looking up, the runs page, the dataset inputs a run reads;
+- `sink`: the MLflow calls the sender replays a spool into, and ending a run directly;
 - `tracker`: `Tracker` / `NullTracker`, the logger rank 0 and the drivers hold;
 - `sync`: `vggdist sync` and the automatic replay at the start of train / sweep / evaluate;
 - `readback`: runs, metric histories and artifacts as plain dicts for evaluate, sweep and report;
@@ -41,11 +43,8 @@ from vggdist.runmeta import (  # noqa: E402, F401 - re-exported: tracking.TAG_CO
 from vggdist.tracking.client import (  # noqa: E402
     check_reachable,
     check_uri_for_cluster,
-    end_run_now,
     is_local_uri,
-    log_datasets,
     require_store,
-    runs_page,
     store_missing,
     tracking_uri,
 )
@@ -60,6 +59,8 @@ from vggdist.tracking.readback import (  # noqa: E402
     resolve_checkpoint,
     upload_artifacts,
 )
+from vggdist.tracking.runs import log_datasets, runs_page  # noqa: E402
+from vggdist.tracking.sink import end_run_now  # noqa: E402
 from vggdist.tracking.spool import SPOOL_DIR, existing_spool, spool_dir  # noqa: E402
 from vggdist.tracking.sync import SyncResult, find_spools, replay_pending, sync  # noqa: E402
 from vggdist.tracking.system_metrics import SystemMetrics  # noqa: E402

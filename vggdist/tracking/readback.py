@@ -14,15 +14,8 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from vggdist.runmeta import DEFAULT_EXPERIMENT, TAG_CHECKPOINT, TAG_PARENT_RUN_ID
-from vggdist.tracking.client import (
-    NO_SUCH_RUN,
-    client,
-    existing_run,
-    experiment_id,
-    require_store,
-    store_missing,
-    tracking_uri,
-)
+from vggdist.tracking.client import NO_SUCH_RUN, client, require_store, store_missing, tracking_uri
+from vggdist.tracking.runs import existing_run, experiment_id
 
 
 def _run_dict(run) -> dict[str, Any]:

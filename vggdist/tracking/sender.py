@@ -1,6 +1,6 @@
 """Replays a spool to a tracking server, in order, recording how far the server has acknowledged.
 
-`Sender` works through a `Sink` (the MLflow calls live in `vggdist.tracking.client`), so this module imports no
+`Sender` works through a `Sink` (the MLflow calls live in `vggdist.tracking.sink`), so this module imports no
 MLflow. It merges consecutive logging records of a run into batched calls within MLflow's `log_batch` limits,
 acknowledges each call in `acked.json` once the server accepted it, and stops at the first failure:
 

@@ -11,10 +11,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from vggdist.tracking import client as mlflow_client
+from vggdist.tracking.client import one_line, tracking_uri
 from vggdist.tracking.fileops import files_for, join_path
 from vggdist.tracking.records import Tally
 from vggdist.tracking.sender import Report, Sender, Unreachable
+from vggdist.tracking.sink import sink
 from vggdist.tracking.spool import SPOOL_DIR, Spool
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def sync_spools(spools: list[Spool], *, uri: str | None = None, final: bool = Tr
     down: dict[str, str] = {}
 
     def sink_for(recorded: str | None):
-        target = uri or recorded or mlflow_client.tracking_uri()
-        return _Down(target, down[target]) if target in down else mlflow_client.sink(target)
+        target = uri or recorded or tracking_uri()
+        return _Down(target, down[target]) if target in down else sink(target)
 
     results = []
     for sp in spools:
@@ -111,7 +112,7 @@ def replay_pending(storage: str | os.PathLike | None) -> list[SyncResult]:
     except FileNotFoundError:
         return []
     except Exception as e:  # replaying old runs must not stop a new one
-        log.warning("could not replay the MLflow spools under %s: %s", storage, mlflow_client.one_line(e))
+        log.warning("could not replay the MLflow spools under %s: %s", storage, one_line(e))
         return []
     for r in results:
         (log.warning if r.left.calls and not r.report.busy else log.info)("MLflow replay: %s", r.line())

@@ -25,10 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from vggdist.runmeta import DEFAULT_EXPERIMENT, _param_str, flatten, markdown_table
-from vggdist.tracking import client as mlflow_client
-from vggdist.tracking.client import check_status, create_run, lookup_run, parent_tags, tracking_uri
+from vggdist.tracking.client import tracking_uri
 from vggdist.tracking.records import Tally, artifact_record, log_record, status_record
+from vggdist.tracking.runs import check_status, create_run, lookup_run, parent_tags
 from vggdist.tracking.sender import Sender
+from vggdist.tracking.sink import sink
 from vggdist.tracking.spool import SPOOL_DIR, Spool, SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Tracker:
         self._delivered = False
 
     def _sink(self, uri: str | None):
-        return mlflow_client.sink(uri or self.uri)
+        return sink(uri or self.uri)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -142,7 +143,7 @@ class Tracker:
             self._delivered = not self._spool.has_pending()
             return self._delivered
         wait = self.wait_s if wait_s is None else wait_s
-        since = mlflow_client.sink(self.uri).outage_since
+        since = sink(self.uri).outage_since
         if since is not None:  # down for a while already: one more try, not a full wait
             wait = max(min(wait, 2.0), since + wait - time.monotonic())
         self._delivered = self._sender.stop(wait)
