@@ -17,7 +17,7 @@ import numpy as np
 
 from vggdist.shardformat import FORMAT_VERSION
 
-try:  # the same sums in C (built at install time when a compiler exists): ~5x faster on the preprocessing path
+try:  # the same sums in C (built at install time when a compiler exists), for the preprocessing path
     from preprocess._moments import rgb_moments as _rgb_moments
 except ImportError:  # pragma: no cover - exercised where the extension was not built
     _rgb_moments = None

@@ -145,15 +145,6 @@ def verify(directory: str | Path, *, hashes: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def is_valid(directory: str | Path, *, hashes: bool = False) -> bool:
-    """Whether `directory` is a whole checkpoint (by default by file sizes only: a cheap scan)."""
-    try:
-        verify(directory, hashes=hashes)
-    except (InvalidCheckpoint, OSError):
-        return False
-    return True
-
-
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint directory (or its checkpoint.pt) safely: `weights_only=True`, no pickled code. The
     directory is checked against its manifest first (a .pt file given alone, when its directory has one)."""

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vggdist import console
@@ -215,11 +215,6 @@ def _local_gpus() -> int:
         return 0
 
 
-def current() -> Where | None:
-    """Where this process's Ray runs, if `connect` was called (None before)."""
-    return _where
-
-
 def started_here() -> bool:
     return _started_here
 
@@ -233,20 +228,6 @@ def shutdown() -> None:
         ray.shutdown()
     _started_here = False
     _where = None
-
-
-@contextlib.contextmanager
-def session(address: str | Target | None = None, **kwargs) -> Iterator[Where]:
-    """`connect` for the length of a `with` block: on exit, Ray is shut down if this block started it."""
-    import ray
-
-    already = ray.is_initialized()
-    where = connect(address, **kwargs)
-    try:
-        yield where
-    finally:
-        if not already:
-            shutdown()
 
 
 # What training workers on a cluster get from this process's environment besides WORKER_ENV: the credentials and
@@ -272,9 +253,3 @@ def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for training workers on a cluster: WORKER_ENV plus the FORWARDED_ENV variables that are set."""
     env = os.environ if environ is None else environ
     return {**WORKER_ENV, **{k: env[k] for k in FORWARDED_ENV if k in env}}
-
-
-def alive_nodes() -> int:
-    import ray
-
-    return sum(1 for n in ray.nodes() if n.get("Alive"))

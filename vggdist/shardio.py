@@ -2,7 +2,7 @@
 shard writer of `vggdist-preprocess`.
 
 ``webdataset.tarfile_to_samples`` goes through Python's `tarfile`, which parses each 512-byte header field by
-field (~0.2 ms per sample of three members, ~20 % of a training worker's time once JPEG decoding is cheap).
+field, a visible share of a training worker's time once JPEG decoding is cheap (bench/loader.py measures it).
 Shards are plain uncompressed tars, so `tar_samples` reads local shard files itself: one ``read`` per header,
 the numeric fields parsed straight from the header bytes, the header checksum verified, and the same grouping
 rule as webdataset (members with the same key in a row form one sample; key = the path up to the first dot of

@@ -195,12 +195,11 @@ class TrainLoop:
         window = torch.zeros(3, device=self.device, dtype=torch.float64)
         epoch_totals = torch.zeros(3, device=self.device, dtype=torch.float64)
         it = iter(batches)
-        window_t0, window_steps = t0, 0
+        window_t0 = t0
         every = max(1, self.cfg.run.log_every_steps)
         for s in range(self.steps_per_epoch):
             micro = [next(it) for _ in range(self.plan.accum_steps)]
             window += self.train_step(micro)
-            window_steps += 1
             if (s + 1) % every == 0 or s + 1 == self.steps_per_epoch:
                 # one cross-rank sum per `every` steps: also how every rank learns about a NaN at the same time
                 summed = self.reduce(window.clone())
@@ -218,7 +217,7 @@ class TrainLoop:
                         self.step,
                     )
                 window.zero_()
-                window_t0, window_steps = time.perf_counter(), 0
+                window_t0 = time.perf_counter()
         elapsed = time.perf_counter() - t0
         loss_sum, top1, n = (float(v) for v in epoch_totals)
         return {

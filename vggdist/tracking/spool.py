@@ -181,7 +181,6 @@ class SpoolWriter:
         self.writer_id = uuid.uuid4().hex[:8]
         self.fsync_interval_s = fsync_interval_s
         self.commit_interval_s = commit_interval_s
-        self.appended = 0
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._segment: str | None = None
@@ -207,7 +206,6 @@ class SpoolWriter:
                 self._buffer.append(line)
                 if time.monotonic() - self._buffered_since > self.commit_interval_s:
                     self._commit()
-            self.appended += 1
 
     def add_artifact(self, local_path: str | os.PathLike, name: str | None = None) -> str:
         """Copy a local file or directory into the spool (durably); returns its path relative to the spool."""
