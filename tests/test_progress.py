@@ -76,3 +76,20 @@ def test_quiet_by_default_and_verbose_restores(monkeypatch):
     assert console.verbose() and console.ray_logging_level() == logging.INFO
     record = logging.LogRecord("ray", logging.WARNING, "", 0, "Token authentication is enabled for this", (), None)
     assert not console._TokenAuthEnabled().filter(record)
+
+
+def test_ray_trains_own_warnings_reach_the_console_only_with_verbose(monkeypatch):
+    """Under CPU overload Ray Train's controller warns "Failed to send resource request" with a traceback: Ray's
+    own console filter, set from our LoggingConfig, drops it unless --verbose; our workers' warnings pass."""
+    from ray.train.v2._internal.logging.logging import TrainLogLevelFilter
+
+    def shown(name: str, level: int) -> bool:
+        record = logging.LogRecord(name, level, "", 0, "Failed to send resource request.", (), None)
+        return TrainLogLevelFilter(console.train_logging_config().log_level).filter(record)
+
+    ray_train = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    assert not shown(ray_train, logging.WARNING) and shown(ray_train, logging.ERROR)
+    assert shown("vggdist.ray_worker", logging.WARNING)  # a stalled run's warning is ours, not Ray Train's
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    assert shown(ray_train, logging.WARNING) and shown(ray_train, logging.INFO)

@@ -4,9 +4,13 @@ Quiet by default, at the source of each kind of chatter (nothing is filtered out
 
 - Ray's driver-side INFO lines ("Started a local Ray instance", the dashboard URL): ``ray.init(logging_level=)``
   at WARNING (`vggdist.cluster.connect` asks `ray_logging_level`).
-- Ray Train's internal INFO lines in its controller and workers ("Running in local mode", "Moving model to
-  device", "Reported metrics: {...}" on every epoch): ``RunConfig(logging_config=LoggingConfig(log_level=))``
-  (`train_logging_config`) and the ``ray.train`` logger of the process that builds the trainer.
+- Ray Train's internal lines in its controller and workers: INFO ("Running in local mode", "Moving model to
+  device", "Reported metrics: {...}" on every epoch) and WARNING, which Ray Train uses for its own transient
+  trouble (under CPU overload the controller logs "Failed to send resource request ... it's safe to ignore this
+  error" with a traceback, which a user would read as the run failing): ``RunConfig(logging_config=
+  LoggingConfig(log_level="ERROR"))`` (`train_logging_config`; Ray Train applies it to the ``ray.train``
+  loggers' console output only, its log files under the session directory keep every line), and the
+  ``ray.train`` logger of the process that builds the trainer.
 - The token-authentication notice a local Ray prints when ``~/.ray/auth_token`` exists ("Token
   authentication is enabled for this Ray cluster"): the cluster is private to this command.
 - Ray's worker-line decoration: the coloured ``(_run_stage pid=…)`` prefix and the folding of alike lines into
@@ -88,7 +92,9 @@ def ray_logging_level() -> int:
 
 
 def train_logging_config():
-    """Ray Train's ``LoggingConfig`` for a run: its internal INFO lines only with --verbose."""
+    """Ray Train's ``LoggingConfig`` for a run: on the console, Ray Train's own errors only; its INFO and WARNING
+    lines with --verbose. Our code's log lines in a worker (a stalled run's warning) are not Ray Train's and
+    still show."""
     from ray.train import LoggingConfig
 
-    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+    return LoggingConfig(log_level="INFO" if verbose() else "ERROR")
