@@ -101,6 +101,21 @@ def test_two_nodes_one_worker_each_distinct_streams(cluster, monkeypatch):
     ray.shutdown()
 
 
+# the dashboard answers before the head's job agent has registered, and a loaded head may not find it within the
+# dashboard's own timeout: Ray's answer is then this, and no job was created, so the submission can be repeated
+NO_AGENT = "No available agent to submit job, please try again later"
+
+
+def _submit(cmd: list[str], env: dict[str, str], within_s: float = 180) -> subprocess.CompletedProcess:
+    """`ray job submit`, repeated while Ray says its job agent is not available yet (for at most `within_s`)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or NO_AGENT not in out.stderr + out.stdout or time.monotonic() > deadline:
+            return out
+        time.sleep(3)
+
+
 def test_ray_job_submit_runs_training_and_logs_to_mlflow(cluster):
     c = cluster["cluster"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -113,7 +128,7 @@ def test_ray_job_submit_runs_training_and_logs_to_mlflow(cluster):
         "--epochs", "1", "--workers", "1", "--run-name", "submitted", "--experiment", "jobs",
         "--storage-path", str(cluster["tmp"] / "ray_results"), "--set", "optim.global_batch_size=32",
     ]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out = _submit(cmd, env)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = next(
         w.strip("'")
