@@ -90,6 +90,19 @@ class RayCluster:
             self.stop()
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
 
+    def gcs_state(self) -> tuple[list[str], list[str]]:
+        """(live node ids, job ids) of this cluster, read from its GCS without joining it: a command that must leave
+        the cluster alone is checked by comparing this before and after it ran."""
+        import grpc
+        from ray.core.generated import gcs_service_pb2 as pb
+        from ray.core.generated import gcs_service_pb2_grpc as rpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            nodes = rpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(pb.GetAllNodeInfoRequest(), timeout=10)
+            jobs = rpc.JobInfoGcsServiceStub(channel).GetAllJobInfo(pb.GetAllJobInfoRequest(), timeout=10)
+        alive = sorted(n.node_id.hex() for n in nodes.node_info_list if n.state == 0)
+        return alive, sorted(j.job_id.hex() for j in jobs.job_info_list)
+
     def wait_for_nodes(self, n: int, timeout: float = 60) -> None:
         import ray
 
@@ -125,6 +138,18 @@ class RayCluster:
             while time.time() < deadline and any(_alive(pid) for pid in mine):
                 time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def user_head() -> tuple[RayCluster, str]:
+    """A user's `ray start --head` (1 CPU, no dashboard) and the RAY_TMPDIR under which it is "the cluster recorded
+    on this machine", as /tmp/ray/ray_current_cluster is for a user's processes."""
+    ray_tmpdir = tempfile.mkdtemp(prefix="vgs", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # no dashboard: a check reads the head's GCS (RayCluster.gcs_state) or joins it with --address auto
+    cluster = RayCluster(num_cpus=1, dashboard=False, temp_dir=f"{ray_tmpdir}/ray")
+    if not (Path(ray_tmpdir) / "ray" / "ray_current_cluster").read_text().strip():
+        cluster.stop()
+        raise RuntimeError(f"ray start --head left no record under {ray_tmpdir}/ray")
+    return cluster, ray_tmpdir
 
 
 def _processes():

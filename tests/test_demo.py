@@ -1,5 +1,9 @@
 """`vggdist demo --quick` end to end (Fashion-MNIST → image folder → shards → mini sweep → report), then a rerun of
-the same sweep that must skip every finished stage (found through MLflow)."""
+the same sweep that must skip every finished stage (found through MLflow).
+
+Both run while a user's `ray start --head` is up on the machine (recorded where Ray's processes look for it:
+RAY_TMPDIR): each starts its own private Ray ("Ray: local"), and the head keeps its nodes and jobs, as for the
+preprocessing and training of tests/test_startup.py."""
 
 import os
 import re
@@ -10,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_cluster import user_head
 from vggdist import tracking
 from vggdist.report_findings import CLAIMS
 
@@ -17,21 +22,37 @@ pytestmark = pytest.mark.slow
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _env(tmp):
+def _env(tmp, ray_tmpdir):
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'work' / 'mlflow.db'}",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_TMPDIR": ray_tmpdir,  # where the user's head is recorded
     }
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def _first_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.strip())
+
+
+@pytest.fixture
+def head():
+    cluster, ray_tmpdir = user_head()
+    try:
+        yield cluster, ray_tmpdir
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.skipif(
     not (FASHION / "train-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST not installed (make demo installs it)",
 )
-def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
+def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path, head):
+    cluster, ray_tmpdir = head
+    before = cluster.gcs_state()
     work = tmp_path / "work"
     t0 = time.time()
     # 40 training images per class, not --quick's 100: one epoch per stage shows the plumbing, which is what this
@@ -39,12 +60,16 @@ def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
     demo = [sys.executable, "-m", "vggdist.cli", "demo", "--quick", "--train-per-class", "40"]
     p = subprocess.run(
         [*demo, "--workdir", str(work)],
-        env=_env(tmp_path),
+        env=_env(tmp_path, ray_tmpdir),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    # its own private Ray, not the head recorded on the machine, which it leaves as it was
+    assert _first_line(p.stderr).startswith("Ray: local, "), p.stderr[-2000:]
+    assert "Connecting to existing Ray cluster" not in p.stderr
+    assert cluster.gcs_state() == before
     assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout
     assert (
         len(p.stdout.splitlines()) < 80
@@ -99,9 +124,10 @@ def test_quick_demo_then_sweep_rerun_skips_finished_stages(tmp_path):
     again = subprocess.run(
         [sys.executable, "-m", "vggdist.cli", "sweep", "--data", str(work / "shards"), "--plan", "mini", "--workers", "1",
          "--experiment", "vggdist-demo", "--name", name, "--set", f"run.storage_path={work / 'ray_results'}", "--set", "schedule.epochs=1"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+        env=_env(tmp_path, ray_tmpdir), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert _first_line(again.stderr).startswith("Ray: local, ") and cluster.gcs_state() == before
     assert "skipping finished stages" in again.stderr + again.stdout
     runs_after = tracking.find_runs("vggdist-demo", uri=uri)
     assert len(runs_after) == len(runs)  # no new child run
