@@ -102,6 +102,8 @@ def test_with_a_head_running_every_command_uses_its_own_local_ray(head, data, tm
     assert p.returncode == 0, p.stderr[-3000:]
     assert _first_line(p).startswith("Ray: local, ")
     assert "Connecting to existing Ray cluster" not in p.stderr
+    # Ray Train's placement-group cleaner finds this Ray's dashboard, not "multiple active Ray instances"
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
     run = tracking.find_runs("vggdist", uri=env["MLFLOW_TRACKING_URI"])[0]
     assert run["status"] == "FINISHED" and run["tags"]["vggdist.ray"].startswith("local, ")
 
@@ -276,7 +278,7 @@ def test_a_full_storage_stops_in_one_line_without_retries_and_resumes_once_freed
         "a checkpoint needs" in last
         and "rerun the same command with --run-name full to resume from epoch 1" in last
     )
-    assert ("Traceback" in p.stderr) == verbose  # --verbose shows it; otherwise the one line is all
+    assert ("Traceback" in p.stderr) == verbose, p.stderr  # --verbose shows it; otherwise the one line is all
     assert "[FailurePolicy] RETRY" not in p.stderr and "restarting from the latest checkpoint" not in p.stderr
     assert [f.epoch for f in checkpoint_store.whole_checkpoints(str(storage / "full"))] == [1]
     assert not (storage / "full" / "epoch_002").exists()  # the partial copy was removed

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -62,6 +63,10 @@ LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
+
+# where Ray's state-API and job clients find a cluster's dashboard (before RAY_ADDRESS and a machine-wide scan)
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
 
 @dataclass(frozen=True)
 class Where:
@@ -148,6 +153,13 @@ def connect(
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard)
         if include_dashboard is not False:
             kwargs["dashboard_host"] = "127.0.0.1"  # a private Ray: its dashboard stays on this machine
+            kwargs["dashboard_port"] = port = _free_port()
+            # Ray's state-API clients inside this Ray's processes (Ray Train's placement-group cleaner asks it
+            # whether the controller is alive) look for the dashboard by scanning the machine for Ray instances,
+            # and die with "Found multiple active Ray instances" (a traceback on the user's screen) when a
+            # user's `ray start --head` or another command's Ray runs too: told where ours is, they don't look.
+            # Its processes inherit this from here; it also overrides one meant for another cluster.
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         ray.init(
             address=LOCAL, log_to_driver=log_to_driver, logging_level=logging_level, **kwargs, **init_kwargs
         )
@@ -170,6 +182,12 @@ def connect(
     log.debug("Ray ready in %.1f s", time.monotonic() - t0)
     _where = where
     return where
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def say(where: Where) -> None:
