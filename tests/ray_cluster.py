@@ -1,7 +1,8 @@
 """A real multi-process Ray cluster for tests: `ray start --head` (+ more nodes on other loopback addresses).
 
-Each cluster gets its own temp dir and ports, and `stop()` kills only the processes whose command line names that
-temp dir or its ports — never `ray stop`, which would end every Ray process of the user on the host.
+Each cluster gets its own temp dir and ports (GCS, dashboard, Ray Client server, each node's dashboard agent),
+and `stop()` kills only the processes whose command line names that temp dir or its ports — never `ray stop`,
+which would end every Ray process of the user on the host.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _agent_port() -> list[str]:
+    """A node's dashboard agent on a port of its own: Ray's default (52365) is one per machine, and a node whose
+    agent finds it taken (by any other Ray here: a user's, another test's) serves no HTTP, so `ray job submit`
+    to its cluster fails for good with "No available agent to submit job"."""
+    return [f"--dashboard-agent-listen-port={free_port()}"]
 
 
 class RayCluster:
@@ -55,6 +63,8 @@ class RayCluster:
             f"--temp-dir={self.temp_dir}",
             "--node-ip-address=127.0.0.1",
             "--disable-usage-stats",
+            f"--ray-client-server-port={free_port()}",
+            *_agent_port(),
         ]
         if dashboard:
             cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
@@ -81,6 +91,7 @@ class RayCluster:
                 f"--num-cpus={num_cpus}",
                 f"--temp-dir={self.temp_dir}",
                 "--disable-usage-stats",
+                *_agent_port(),
             ]
         )
 

@@ -103,6 +103,7 @@ def test_two_nodes_one_worker_each_distinct_streams(cluster, monkeypatch):
 
 # the dashboard answers before the head's job agent has registered, and a loaded head may not find it within the
 # dashboard's own timeout: Ray's answer is then this, and no job was created, so the submission can be repeated
+# (an agent that could not bind its port never comes: tests.ray_cluster gives each node a port of its own)
 NO_AGENT = "No available agent to submit job, please try again later"
 
 
