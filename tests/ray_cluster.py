@@ -139,13 +139,14 @@ class RayCluster:
     def stop(self) -> None:
         """Kill this cluster's processes only (matched by temp dir or GCS port), then remove its temp dir."""
         mine = self._mine()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        # a test cluster keeps nothing worth a graceful exit: a few seconds for SIGTERM, then SIGKILL
+        for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             for pid in mine:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.time() + 10
+            deadline = time.time() + grace_s
             while time.time() < deadline and any(_alive(pid) for pid in mine):
                 time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
