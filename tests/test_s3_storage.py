@@ -6,15 +6,13 @@ seeded from it (`--init-from`), all through `pyarrow.fs` (`vggdist.checkpoint_st
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.s3_server import moto_s3
 from tests.tiny_data import make_shards
 from vggdist import checkpoint_store, tracking
 
@@ -25,38 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """(bucket URI, the AWS_* environment that points at it)."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_file = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log_file,
-        stderr=log_file,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="vggdist")  # fmt: skip
-    try:
-        yield "s3://vggdist", env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log_file.close()
+    with moto_s3(tmp_path_factory.mktemp("moto"), "vggdist") as bucket_and_env:
+        yield bucket_and_env
 
 
 def _run(args: list[str], tmp: Path, aws: dict[str, str]) -> subprocess.CompletedProcess:

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.s3_server import moto_s3
 from vggdist import tracking
 from vggdist.cli import main as cli_main
 from vggdist.tracking.records import artifact_record, log_record, status_record
@@ -326,41 +324,11 @@ def test_find_spools_and_the_automatic_replay(uri, tmp_path):
 @pytest.fixture(scope="module")
 def s3_bucket(tmp_path_factory):
     """A real S3 API (moto's server) on 127.0.0.1 with one bucket; pyarrow and boto find it by AWS_ENDPOINT_URL."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_file = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log_file, stderr=log_file
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="vggdist-spool")
-    yield "s3://vggdist-spool"
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
-    log_file.close()
+    with moto_s3(tmp_path_factory.mktemp("moto"), "vggdist-spool") as (bucket, env):
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            yield bucket
 
 
 def test_a_spool_on_s3_survives_the_job_and_vggdist_sync_delivers_it(uri, s3_bucket, tmp_path, capsys):
