@@ -118,6 +118,8 @@ def test_degradation_report_tables_tests_findings_and_plots(store, tmp_path):  #
         assert (tmp_path / "rep" / name).read_bytes().startswith(PNG_MAGIC)
     logged = {Path(a.path).name for a in client.list_artifacts(pid, "report")}
     assert {"report.md", "degradation_curves.png", "depth.png"} <= logged
+    # no VGG plot (it would show only the VGG paper's curves)
+    assert not {"error_vs_depth.png", "training_curves.png"} & (logged | {p.name for p in (tmp_path / "rep").iterdir()})
 
 
 def test_a_vgg_and_a_degradation_sweep_on_one_depth_picture(store, tmp_path):  # noqa: F811 - fixture

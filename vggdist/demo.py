@@ -215,9 +215,14 @@ def run_demo(
         experiment=experiment, out_dir=str(work / "report"), sweep_run_id=summary["parent_run_id"]
     )
     # the full tables stay in report.md (and on the sweep's MLflow run); the screen gets the summary and findings
+    tables, plots = (
+        ("He et al.'s Table 6", "degradation_curves.png and depth.png")
+        if plan == "degradation-mini"
+        else ("Tables 3-6", "error_vs_depth.png and training_curves.png")
+    )
     _say(
-        f"      {work / 'report' / 'report.md'}: Tables 3-6 beside the paper's, with 95% CIs and n, the paired "
-        "comparisons, error_vs_depth.png and training_curves.png"
+        f"      {work / 'report' / 'report.md'}: {tables} beside the paper's, with 95% CIs and n, the paired "
+        f"comparisons, {plots}"
     )
     ok = _check_learning(report)
     uri = os.environ["MLFLOW_TRACKING_URI"]

@@ -8,7 +8,7 @@ at 32-pixel crops lines up with the paper's tables. The paper's numbers live in 
 
 This module reads the runs from MLflow; `vggdist.report_tables` builds the tables and `vggdist.report_render`
 writes them. Outputs (in `out_dir`, and logged under `report/` on the sweep's parent run): report.md,
-tables.csv, tables.json, error_vs_depth.png and training_curves.png.
+tables.csv, tables.json, and for VGG runs error_vs_depth.png and training_curves.png.
 
 Runs of He et al. 2016's plain and residual nets (a `degradation` sweep) get their own section
 (`vggdist.report_resnet`: Tables 2 and 6, paired tests, findings) and two plots (`vggdist.report_resnet_plots`):
@@ -112,21 +112,25 @@ def make_report(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = ("report.md", "tables.csv", "tables.json", "error_vs_depth.png", "training_curves.png")
-    names += ("degradation_curves.png", "depth.png") if resnet else ()
-    files = [out / name for name in names]
-    files[0].write_text(markdown)
-    write_csv(tables, files[1])
+    # the VGG plots where the report has VGG runs, He et al.'s where it has theirs
+    names = ["report.md", "tables.csv", "tables.json"]
+    names += ["error_vs_depth.png", "training_curves.png"] if vgg_runs or not resnet else []
+    names += ["degradation_curves.png", "depth.png"] if resnet else []
+    path = {name: out / name for name in names}
+    files = list(path.values())
+    path["report.md"].write_text(markdown)
+    write_csv(tables, path["tables.csv"])
     meta = {"sweep_run_id": sweep["run_id"], "experiment": experiment_name, "plan": plan}
     meta["sweep_run_ids"] = [s["run_id"] for s in sweeps]
     doc = {**meta, "tables": tables, "comparisons": compared, "findings": found}
     doc.update({"resnet": resnet} if resnet else {})
-    files[2].write_text(json.dumps(doc, indent=2) + "\n")
-    plot_error_vs_depth(tables, files[3], mini=_reduced_scale(runs, plan))
-    plot_training_curves(runs, files[4])
+    path["tables.json"].write_text(json.dumps(doc, indent=2) + "\n")
+    if "error_vs_depth.png" in path:
+        plot_error_vs_depth(tables, path["error_vs_depth.png"], mini=_reduced_scale(runs, plan))
+        plot_training_curves(runs, path["training_curves.png"])
     if resnet:
-        plot_degradation_curves(resnet_runs, files[5])
-        plot_depth(depth_series(tables if vgg_runs else {}, resnet["tables"]), files[6])
+        plot_degradation_curves(resnet_runs, path["degradation_curves.png"])
+        plot_depth(depth_series(tables if vgg_runs else {}, resnet["tables"]), path["depth.png"])
     tracking.upload_artifacts(sweep["run_id"], files, runmeta.REPORT_DIR, uri=uri)
     log.info("report for sweep %s written to %s and logged on the sweep run", sweep["run_id"], out)
     return {
