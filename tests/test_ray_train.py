@@ -1,8 +1,8 @@
-"""Ray Train end to end on a real local Ray cluster: A then B-from-A on 2 CPU workers, evaluation, fault tolerance.
+"""Ray Train end to end on a real local Ray: A then B-from-A, evaluation with 2 workers (every protocol, Wilson
+intervals, per-image outcomes, fusion), learning, refusals.
 
-Fault injection through `train(callbacks=...)` (`tests.train_faults.KillWorker`): rank r exits hard (os._exit)
-right after reporting epoch k, once; FailureConfig must restart the worker group from that checkpoint and the run
-must finish all epochs, logging into the same MLflow run.
+A training worker killed mid-run (Ray Train restarting the worker group from the last checkpoint into the same
+MLflow run, each epoch logged once) is staged by tests/test_chaos.py, with 2 Ray Train workers per stage.
 """
 
 import json
@@ -12,7 +12,6 @@ import mlflow
 import pytest
 
 from tests.tiny_data import make_shards
-from tests.train_faults import KillWorker
 from vggdist import runmeta, tracking
 from vggdist.config import preset
 from vggdist.outcome_file import read_outcomes
@@ -58,16 +57,14 @@ def _cfg(env, model, name, **sets):
     return preset("mini", model=model).override([f"{k}={v}" for k, v in base.items()])
 
 
-def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env):
-    marker = env["tmp"] / "crashed"
-    kill = KillWorker(epoch=1, rank=1, marker=str(marker))
-    a = train(_cfg(env, "A", "tiny-A"), str(env["data"]), stage="1-A", callbacks=[kill])
-    assert marker.exists(), "the injected crash did not happen"
+def test_a_then_b_from_a_and_evaluation(env):
+    # one worker, one epoch each: what this test checks is the staged init and the evaluation of the result
+    a = train(
+        _cfg(env, "A", "tiny-A", **{"schedule.epochs": 1, "run.workers": 1}), str(env["data"]), stage="1-A"
+    )
     run = tracking.get_run(a.run_id, uri=env["uri"])
     assert run["status"] == "FINISHED"
-    # the crashed worker group restarted from epoch 1's checkpoint and logged epochs 2 and 3 into the same run
-    steps = [s for s, _ in tracking.metric_history(a.run_id, "val/top1_err", uri=env["uri"])]
-    assert steps == [1, 2, 3]
+    assert [s for s, _ in tracking.metric_history(a.run_id, "val/top1_err", uri=env["uri"])] == [1]
     assert (
         tracking.find_runs("vggdist", filter_string="tags.`vggdist.ray_run_name` = 'tiny-A'", uri=env["uri"])[
             0
@@ -77,17 +74,15 @@ def test_a_then_b_from_a_with_a_worker_crash_and_evaluation(env):
     assert len(tracking.find_runs("vggdist", uri=env["uri"])) == 1
     assert run["params"]["optim.lr"] == "0.01" and run["params"]["run.accum_steps"] == "1"
     assert run["tags"]["vggdist.config"] == "A" and run["tags"]["vggdist.stage"] == "1-A"
-    assert run["tags"][tracking.TAG_CHECKPOINT].endswith("epoch_003")
-    workers = json.loads(run["tags"]["vggdist.workers"])
-    assert sorted(w["rank"] for w in workers) == [0, 1]
-    assert a.metrics["val/samples"] == 40  # every validation image counted once over both ranks
+    assert run["tags"][tracking.TAG_CHECKPOINT].endswith("epoch_001")
+    assert a.metrics["val/samples"] == 40  # every validation image counted once
 
     b = train(
         _cfg(
             env,
             "B",
             "tiny-B",
-            **{"run.init": "from-shallower", "run.init_from": a.run_id, "schedule.epochs": 2},
+            **{"run.init": "from-shallower", "run.init_from": a.run_id, "schedule.epochs": 1, "run.workers": 1},
         ),
         str(env["data"]),
     )

@@ -1,15 +1,16 @@
 """`Tracker` against a real `mlflow server` subprocess (slow): round trip, resume and a child run; the server going
 away mid-run and coming back; and going away for longer than the run, after which `vggdist sync` delivers the
-spool."""
+spool; a sweep stage waiting for the server to come back."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.mlflow_server import MlflowServer, mlflow_server_process  # noqa: F401 - fixture
+from tests.mlflow_server import MlflowServer, free_port, mlflow_server_process  # noqa: F401 - fixture
 from tests.tracking_helpers import HTTP_VARS, tracking_warnings
 from vggdist import tracking
 from vggdist.cli import main as cli_main
@@ -92,6 +93,33 @@ def test_server_outage_mid_run_loses_nothing(
     assert metric_history(t.run_id, "train/loss", uri=server.uri) == [(s, 4.0 - s) for s in range(6)]
     got = tracking.download_artifact(t.run_id, "outage.txt", tmp_path, uri=server.uri)
     assert Path(got).read_text() == "written during the outage"
+
+
+@pytest.mark.slow
+def test_a_sweep_stage_waits_for_mlflow_to_come_back(
+    mlflow_server_process: MlflowServer,  # noqa: F811
+    caplog,
+):
+    """A stage that must create its run during an outage waits (`wait_reachable`) instead of ending the sweep;
+    a server that stays away ends the wait with the ConnectionError of `check_reachable`."""
+    server = mlflow_server_process
+    server.stop()
+    back = threading.Timer(1.0, server.start)
+    back.start()
+    try:
+        tracking.wait_reachable(server.uri, 120, "stage 2-B", poll_s=0.5)
+    finally:
+        back.join()
+    assert server.running
+    said = tracking_warnings(caplog)
+    assert "stage 2-B waits for it" in said[0] and "cannot reach MLflow" in said[0]
+    assert said[-1] == f"MLflow at {server.uri} is back: stage 2-B goes on" and len(said) == 2
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot reach MLflow"):
+        tracking.wait_reachable(dead, 1.0, "stage 3-C", poll_s=0.5)
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.slow

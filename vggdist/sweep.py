@@ -6,7 +6,8 @@ stage runs in that Ray: on a private local Ray a one-worker stage trains inside 
 mode, `vggdist.ray_fit`; the task holds the worker's CPUs or GPU), so no stage pays for a Ray Train controller and
 worker group. Rerunning the sweep with the same name skips stages whose MLflow child run is FINISHED and
 evaluated, and resumes an interrupted one (same run name → newest whole checkpoint, same MLflow run). When every
-stage is done, the plan's fusion groups are evaluated (Table 6).
+stage is done, the plan's fusion groups are evaluated (Table 6). A stage whose run must be created or resumed
+while MLflow is down waits for it (up to `STAGE_WAITS_FOR_MLFLOW_S`), so an outage delays a sweep instead of ending it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from vggdist.plan import Plan, Stage, builtin_plan, plan_to_yaml, stage_config
 from vggdist.shared_storage import check_storage_for_cluster
 
 log = logging.getLogger(__name__)
+
+STAGE_WAITS_FOR_MLFLOW_S = 3600.0  # how long a stage that must create its MLflow run waits for MLflow
 
 
 @ray.remote(num_cpus=0)
@@ -50,6 +53,9 @@ def _run_stage(
 
     if init_from:
         cfg = replace(cfg, run=replace(cfg.run, init_from=init_from))
+    # creating (or resuming) the stage's run needs MLflow: during an outage the stage waits for it, and the sweep
+    # with it, instead of failing; the stages already running go on into their spools meanwhile
+    tracking.wait_reachable(uri, STAGE_WAITS_FOR_MLFLOW_S, f"stage {stage.key}")
     tags = {runmeta.TAG_SWEEP: parent_run_id, runmeta.TAG_TRAIN_SCALE: stage.scale_label}
     result = train(
         cfg,

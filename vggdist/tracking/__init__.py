@@ -47,6 +47,7 @@ from vggdist.tracking.client import (  # noqa: E402
     require_store,
     store_missing,
     tracking_uri,
+    wait_reachable,
 )
 from vggdist.tracking.readback import (  # noqa: E402
     download_artifact,
@@ -113,4 +114,5 @@ __all__ = [
     "sync",
     "tracking_uri",
     "upload_artifacts",
+    "wait_reachable",
 ]

@@ -16,9 +16,11 @@ process-wide while the call runs: another thread's MLflow call in that window ge
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +29,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 _LOCAL_SCHEMES = ("", "sqlite", "file")
 
@@ -186,3 +190,28 @@ def check_reachable(uri: str) -> None:
     """Raise ConnectionError within seconds, naming MLFLOW_TRACKING_URI, when MLflow at `uri` cannot be reached."""
     with lifecycle_call(uri):
         client(uri).search_experiments(max_results=1)
+
+
+def wait_reachable(
+    uri: str, timeout_s: float, what: str, *, poll_s: float = 1.0, max_poll_s: float = 15.0
+) -> None:
+    """`check_reachable`, retried for up to `timeout_s`: for work that is better late than lost (a sweep stage
+    that must create or resume its MLflow run while the server restarts; the stages running already go on into
+    their spools). Says once, in one line, that `what` waits; raises the last ConnectionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        try:
+            check_reachable(uri)
+        except ConnectionError as e:
+            if time.monotonic() + poll_s > deadline:
+                raise
+            if not waited:
+                log.warning("%s; %s waits for it (up to %.0f s)", e, what, timeout_s)
+                waited = True
+            time.sleep(poll_s)
+            poll_s = min(2 * poll_s, max_poll_s)
+            continue
+        if waited:
+            log.warning("MLflow at %s is back: %s goes on", uri, what)
+        return
