@@ -121,6 +121,7 @@ def test_ray_job_submit_runs_training_and_logs_to_mlflow(cluster):
     c = cluster["cluster"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # it would override --address
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": cluster["uri"], "MLFLOW_DISABLE_TELEMETRY": "true"}}
     cmd = [
         RAY, "job", "submit", "--address", c.dashboard_url, "--working-dir", str(ROOT), "--no-wait",

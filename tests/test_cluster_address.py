@@ -6,6 +6,7 @@ tests/test_startup.py.
 """
 
 import http.server
+import os
 import socket
 import threading
 import time
@@ -106,3 +107,14 @@ def test_where_says_it_in_one_line():
     )
     assert str(cluster.in_process(cpus=2)).startswith("Ray: local, Ray Train local mode")
     assert not Where("cluster", "h:1").local and Where("in-process").local
+
+
+def test_the_private_rays_dashboard_address_is_in_the_environment_only_while_it_starts(monkeypatch):
+    """Its node's processes inherit RAY_API_SERVER_ADDRESS; this process keeps what it had (Ray's job and state
+    clients here would otherwise go to that dashboard whatever address they are given)."""
+    monkeypatch.setenv(cluster.API_SERVER_ENV, "http://10.0.0.5:8265")
+    monkeypatch.delenv("VGGDIST_UNSET_PROBE", raising=False)
+    with cluster._inherited({cluster.API_SERVER_ENV: "http://127.0.0.1:1234", "VGGDIST_UNSET_PROBE": "x"}):
+        seen = {k: os.environ.get(k) for k in (cluster.API_SERVER_ENV, "VGGDIST_UNSET_PROBE")}
+    assert seen == {cluster.API_SERVER_ENV: "http://127.0.0.1:1234", "VGGDIST_UNSET_PROBE": "x"}
+    assert os.environ[cluster.API_SERVER_ENV] == "http://10.0.0.5:8265" and "VGGDIST_UNSET_PROBE" not in os.environ

@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from vggdist import console
@@ -151,6 +151,7 @@ def connect(
         for k, v in LOCAL_TRAIN_ENV.items():  # the node's processes inherit them from here
             os.environ.setdefault(k, v)
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard)
+        node_env = {}
         if include_dashboard is not False:
             kwargs["dashboard_host"] = "127.0.0.1"  # a private Ray: its dashboard stays on this machine
             kwargs["dashboard_port"] = port = _free_port()
@@ -158,11 +159,11 @@ def connect(
             # whether the controller is alive) look for the dashboard by scanning the machine for Ray instances,
             # and die with "Found multiple active Ray instances" (a traceback on the user's screen) when a
             # user's `ray start --head` or another command's Ray runs too: told where ours is, they don't look.
-            # Its processes inherit this from here; it also overrides one meant for another cluster.
-            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-        ray.init(
-            address=LOCAL, log_to_driver=log_to_driver, logging_level=logging_level, **kwargs, **init_kwargs
-        )
+            node_env[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        with _inherited(node_env):
+            ray.init(
+                address=LOCAL, log_to_driver=log_to_driver, logging_level=logging_level, **kwargs, **init_kwargs
+            )
         _started_here = True
     else:
         if announce and probe.nodes is not None:
@@ -182,6 +183,22 @@ def connect(
     log.debug("Ray ready in %.1f s", time.monotonic() - t0)
     _where = where
     return where
+
+
+@contextlib.contextmanager
+def _inherited(env: Mapping[str, str]) -> Iterator[None]:
+    """`env` in this process's environment while Ray starts its node (whose processes inherit it), and only then:
+    RAY_API_SERVER_ADDRESS overrides even an explicit address in Ray's job and state clients of this process."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _free_port() -> int:
