@@ -42,33 +42,43 @@ def _run_stage(
     where: cluster.Where,
     callbacks: tuple[Any, ...] = (),
     verbose: bool = False,
+    trained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A stage as a Ray task: train (or resume), then evaluate; returns the child run id and checkpoint."""
+    """A stage as a Ray task: train (or resume), then evaluate; returns the child run id and checkpoint.
+    `trained`: the stage's FINISHED child run when its training ended before the sweep stopped but its evaluation
+    was not logged (a driver killed while evaluating): it is evaluated only, not trained again into a new run."""
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     console.set_verbose(verbose)  # this task's process: quiet unless the command was run with --verbose
     from vggdist.ray_eval import evaluate
-    from vggdist.ray_train import train
+    from vggdist.ray_train import storage_path, train
 
     if init_from:
         cfg = replace(cfg, run=replace(cfg.run, init_from=init_from))
-    # creating (or resuming) the stage's run needs MLflow: during an outage the stage waits for it, and the sweep
-    # with it, instead of failing; the stages already running go on into their spools meanwhile
-    tracking.wait_reachable(uri, STAGE_WAITS_FOR_MLFLOW_S, f"stage {stage.key}")
-    tags = {runmeta.TAG_SWEEP: parent_run_id, runmeta.TAG_TRAIN_SCALE: stage.scale_label}
-    result = train(
-        cfg,
-        data_dir,
-        stage=stage.key,
-        parent_run_id=parent_run_id,
-        extra_tags=tags,
-        where=where,
-        callbacks=callbacks,
-    )
+    if trained is not None:
+        log.info("stage %s: run %s is trained already; evaluating it", stage.key, trained["run_id"])
+        run_id, checkpoint, metrics = trained["run_id"], trained["checkpoint"], trained["metrics"]
+        run_dir = trained["storage"] or f"{storage_path(cfg)}/{cfg.run.run_name}"
+    else:
+        # creating (or resuming) the stage's run needs MLflow: during an outage the stage waits for it, and the
+        # sweep with it, instead of failing; the stages already running go on into their spools meanwhile
+        tracking.wait_reachable(uri, STAGE_WAITS_FOR_MLFLOW_S, f"stage {stage.key}")
+        tags = {runmeta.TAG_SWEEP: parent_run_id, runmeta.TAG_TRAIN_SCALE: stage.scale_label}
+        result = train(
+            cfg,
+            data_dir,
+            stage=stage.key,
+            parent_run_id=parent_run_id,
+            extra_tags=tags,
+            where=where,
+            callbacks=callbacks,
+        )
+        run_id, checkpoint, metrics = result.run_id, result.checkpoint, result.metrics
+        run_dir = result.run_dir
     # a checkpoint path needs no MLflow read, so a stage goes on through an MLflow outage
     evaluate(
-        result.checkpoint or result.run_id,
+        checkpoint or run_id,
         data_dir,
         protocols=cfg.eval.protocols,  # the stage's, unless --set eval.protocols=… overrides them
         scales=list(cfg.eval.test_scales),
@@ -78,21 +88,45 @@ def _run_stage(
         gpu=cfg.run.gpu,
     )
     done = tracking.Tracker.attach(
-        result.run_id, tracking.existing_spool(result.run_dir), uri=uri, wait_s=cfg.run.mlflow_wait_s
+        run_id, tracking.existing_spool(run_dir), uri=uri, wait_s=cfg.run.mlflow_wait_s
     )
     done.set_tags({runmeta.TAG_EVALUATED: runmeta.TRUE})
     done.close()
-    return {"run_id": result.run_id, "checkpoint": result.checkpoint, "metrics": result.metrics}
+    return {"run_id": run_id, "checkpoint": checkpoint, "metrics": metrics}
 
 
-def _finished_children(parent_run_id: str, experiment: str, uri: str) -> dict[str, dict]:
+def _finished_children(
+    parent_run_id: str, experiment: str, uri: str
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The sweep's FINISHED child runs by stage key: (evaluated, trained only). A stage is done once its
+    evaluation is logged; one whose training finished but whose evaluation was not logged is evaluated again,
+    never trained again (`train` would start a new MLflow run for a run name whose run is FINISHED)."""
     runs = tracking.find_runs(
         experiment, filter_string=f"tags.`{runmeta.TAG_SWEEP}` = '{parent_run_id}'", uri=uri
     )
-    return {
+    finished = [r for r in runs if r["status"] == "FINISHED"]
+    evaluated = {
         r["tags"][runmeta.TAG_STAGE]: r
-        for r in runs
-        if r["status"] == "FINISHED" and r["tags"].get(runmeta.TAG_EVALUATED) == runmeta.TRUE
+        for r in finished
+        if r["tags"].get(runmeta.TAG_EVALUATED) == runmeta.TRUE
+    }
+    trained = {
+        r["tags"][runmeta.TAG_STAGE]: r
+        for r in sorted(finished, key=lambda r: r["start_time"] or 0)  # the newest wins
+        if r["tags"][runmeta.TAG_STAGE] not in evaluated and r["tags"].get(runmeta.TAG_CHECKPOINT)
+    }
+    return evaluated, trained
+
+
+def _trained(run: dict | None) -> dict[str, Any] | None:
+    """What `_run_stage` needs of a trained, not yet evaluated child run (plain values: it crosses to a Ray task)."""
+    if run is None:
+        return None
+    return {
+        "run_id": run["run_id"],
+        "checkpoint": run["tags"][runmeta.TAG_CHECKPOINT],
+        "storage": run["tags"].get(runmeta.TAG_STORAGE),
+        "metrics": dict(run["metrics"]),
     }
 
 
@@ -192,7 +226,7 @@ def run_sweep(
     parent_spool = tracking.spool_dir(f"{storage}/sweep-{sweep_name}")
     parent = _parent_run(experiment, sweep_name, p, uri, parent_spool, first.mlflow_wait_s)
     parent.set_tags({runmeta.TAG_RAY: where.describe()})  # this time's, when a rerun resumes elsewhere
-    done = _finished_children(parent.run_id, experiment, uri)
+    done, trained = _finished_children(parent.run_id, experiment, uri)
     results: dict[str, dict] = {
         k: {"run_id": r["run_id"], "checkpoint": r["tags"].get(runmeta.TAG_CHECKPOINT)}
         for k, r in done.items()
@@ -226,6 +260,7 @@ def run_sweep(
                 where,
                 tuple(callbacks),
                 console.verbose(),
+                _trained(trained.get(s.key)),
             )
             running[ref] = s
             log.info("sweep %s: started stage %s", sweep_name, s.key)
