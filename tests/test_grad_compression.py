@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 6
+EPOCHS = 4
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # Four well-separated Fashion-MNIST classes: every option converges to a few % error within the test's epochs, so
 # "within 1 point" measures the compression, not the chaos of short SGD runs (10 classes after 3 epochs differ by
