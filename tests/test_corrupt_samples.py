@@ -5,21 +5,19 @@ evaluation reports the skipped images as such and its error rates over the image
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 
+from tests.cli_run import run_cli
 from tests.tiny_data import make_shards
 from vggdist import runmeta, tracking
 from vggdist.shardformat import shard_files
 from vggdist.shardio import tar_samples
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _corrupt(split_dir: Path, split: str, every_shard: bool) -> list[str]:
@@ -45,15 +43,7 @@ def damaged(tmp_path_factory):
 
 
 def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "vggdist.cli", *args], env=env, cwd=tmp, capture_output=True, text=True, timeout=300
-    )
+    return run_cli(args, tmp)
 
 
 def _train(data: Path, tmp: Path, name: str, *extra: str) -> subprocess.CompletedProcess:

@@ -5,19 +5,17 @@ seeded from it (`--init-from`), all through `pyarrow.fs` (`vggdist.checkpoint_st
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_run import run_cli
 from tests.s3_server import moto_s3
 from tests.tiny_data import make_shards
 from vggdist import checkpoint_store, tracking
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +26,7 @@ def s3(tmp_path_factory):
 
 
 def _run(args: list[str], tmp: Path, aws: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        **aws,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "vggdist.cli", *args], env=env, cwd=tmp, capture_output=True, text=True, timeout=300
-    )
+    return run_cli(args, tmp, aws)
 
 
 def test_train_resume_evaluate_and_init_from_s3_storage(s3, tmp_path, monkeypatch):
